@@ -1,0 +1,253 @@
+"""The engine in the milter role: commands in, replies out, no I/O."""
+
+from __future__ import annotations
+
+from ._commands import (
+    ABORT,
+    COMMAND_DECODERS,
+    Command,
+    OptionNegotiation,
+)
+from ._constants import (
+    ACTION_OF_REPLY,
+    MAX_DATA_SIZE,
+    NOREPLY_FLAG,
+    CommandCode,
+    ProtocolOpts,
+    ReplyCode,
+    command_name,
+    reply_name,
+)
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._framing import FrameReader
+from ._macros import MESSAGE_SLOT, SLOT_OF_CODE, MacroStore
+from ._negotiation import Negotiated, check_reply
+from ._replies import OptionNegotiationReply, Reply
+from ._state import (
+    ABORTS,
+    EOM_MODIFICATIONS,
+    FINAL_REPLIES,
+    IGNORED,
+    REPLYING_COMMANDS,
+    SessionState,
+    State,
+    body_run,
+)
+
+
+class NeedData:
+    """Returned by ``next_event`` when a whole command has not arrived yet."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+# Commands that reset the macro sets of every later stage when they arrive.
+_SCOPING = {
+    code: slot
+    for code, slot in SLOT_OF_CODE.items()
+    if code in (CommandCode.CONNECT, CommandCode.HELO, CommandCode.MAIL, CommandCode.RCPT)
+}
+_MACRO = CommandCode.MACRO
+_EOM = CommandCode.EOM
+
+
+class MilterConnection:
+    """One milter-side session over one socket.
+
+    Feed received bytes with `receive_data`, take commands from `next_event`
+    until it returns `NEED_DATA`; answer every command that owes a reply
+    (`owed` is its code) with `send`, which returns the bytes to write.
+    Macro packets are absorbed into `macros`; ignored quirks (Postfix's empty
+    and disabled-stage macro packets, repeated aborts) never surface.
+
+    `RemoteProtocolError` means the MTA sent something this session cannot
+    accept; `LocalProtocolError` means the caller broke the rules (a reply
+    nobody owed, a reply not allowed for the command, an action not
+    negotiated).
+    """
+
+    __slots__ = (
+        "_body_run",
+        "_offer",
+        "_pending",
+        "_reader",
+        "_session",
+        "_silent",
+        "macros",
+        "negotiated",
+        "owed",
+    )
+
+    def __init__(self, max_data_size: int = MAX_DATA_SIZE) -> None:
+        self._reader = FrameReader(max_data_size)
+        self._session = SessionState()
+        self._pending: Command | None = None
+        self._silent: frozenset[int] = frozenset()
+        self._offer: OptionNegotiation | None = None
+        self._body_run = 0
+        self.macros = MacroStore()
+        self.negotiated: Negotiated | None = None
+        self.owed: int | None = None
+        """The code of the command whose final reply is owed, if any."""
+
+    # --- state --------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._session.state
+
+    @property
+    def in_message(self) -> bool:
+        """Whether a message is open (between MAIL and its end)."""
+        return self._session.in_message
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes that are not yet a complete command."""
+        return self._reader.buffered
+
+    @property
+    def max_data_size(self) -> int:
+        return self._reader.max_data_size
+
+    # --- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def next_event(self) -> Command | NeedData:
+        """The next command to act on, or `NEED_DATA`."""
+        if self.owed is not None:
+            raise LocalProtocolError(
+                f"next_event() while the reply to {command_name(self.owed)} is still owed"
+            )
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._owe(pending.code)
+            return pending
+        reader = self._reader
+        session = self._session
+        while True:
+            frame = reader.next_frame()
+            if frame is None:
+                return NEED_DATA
+            code, payload = frame
+            if code == _MACRO:
+                if session.state is State.NEGOTIATE or session.state is State.CLOSED:
+                    raise self._unexpected(code)
+                self.macros.define(payload)
+                continue
+            decoder = COMMAND_DECODERS.get(code)
+            if decoder is None:
+                raise RemoteProtocolError(
+                    f"{command_name(code)} is not a milter command ({session.state.value})"
+                )
+            before = session.state
+            flags = session.command(code)
+            if flags is None:
+                raise self._unexpected(code, before)
+            try:
+                event = decoder(payload)
+            except (IndexError, ValueError) as exc:  # belt and braces: never leak these
+                raise RemoteProtocolError(f"{command_name(code)}: malformed ({exc})") from exc
+            if flags & IGNORED:
+                continue
+            scope = _SCOPING.get(code)
+            if scope is not None:
+                self.macros.clear_after(scope)
+            if code == CommandCode.OPTNEG:
+                assert isinstance(event, OptionNegotiation)
+                self._offer = event
+            if flags & ABORTS:
+                # An open message ends first: deliver an abort, then the command
+                # itself (libmilter's order for an unexpected MAIL, HELO, QUIT).
+                self._end_message()
+                self._pending = event
+                return ABORT
+            if code == CommandCode.ABORT:
+                self._end_message()
+            elif code == CommandCode.QUIT or code == CommandCode.QUIT_NC:
+                self.macros.clear()
+            self._owe(code)
+            return event
+
+    def _owe(self, code: int) -> None:
+        if code in REPLYING_COMMANDS and code not in self._silent:
+            self.owed = code
+            self._body_run = 0
+        elif code == CommandCode.QUIT or code == CommandCode.QUIT_NC:
+            self.macros.clear()
+
+    def _end_message(self) -> None:
+        self.macros.clear_from(MESSAGE_SLOT)
+
+    def _unexpected(self, code: int, state: State | None = None) -> RemoteProtocolError:
+        state = state or self._session.state
+        expected = ", ".join(self._session.expected())
+        return RemoteProtocolError(
+            f"unexpected {command_name(code)} {state.value}; expected one of: {expected}"
+        )
+
+    # --- sending -------------------------------------------------------------
+
+    def send(self, reply: Reply) -> bytes:
+        """Validate ``reply`` against the owed command and return its bytes."""
+        owed = self.owed
+        code = reply.code
+        if owed is None:
+            raise LocalProtocolError(f"{reply_name(code)}: no reply is owed now")
+        if code in FINAL_REPLIES[owed]:
+            if code == ReplyCode.SKIP and not self._negotiated_opts() & ProtocolOpts.SKIP:
+                raise LocalProtocolError("SKIP was not negotiated")
+            if code == ReplyCode.OPTNEG:
+                assert isinstance(reply, OptionNegotiationReply)
+                return self._send_negotiation(reply)
+            self.owed = None
+            self._session.final_reply(owed, code)
+            if owed == _EOM or not self._session.in_message:
+                self._end_message()
+            return reply.encode()
+        if owed == _EOM and code in EOM_MODIFICATIONS:
+            needed = ACTION_OF_REPLY.get(code)
+            if needed is not None:
+                negotiated = self.negotiated
+                if negotiated is None or not negotiated.actions & needed:
+                    raise LocalProtocolError(
+                        f"{reply_name(code)} needs the {needed!r} action, which was not negotiated"
+                    )
+            self._body_run = body_run(self._body_run, code, LocalProtocolError)
+            return reply.encode()
+        raise LocalProtocolError(f"{reply_name(code)} is not a valid reply to {command_name(owed)}")
+
+    def _negotiated_opts(self) -> ProtocolOpts:
+        return self.negotiated.opts if self.negotiated is not None else ProtocolOpts.NONE
+
+    def _send_negotiation(self, reply: OptionNegotiationReply) -> bytes:
+        assert self._offer is not None
+        try:
+            negotiated = check_reply(self._offer, reply)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        return self.accept_negotiation(negotiated, reply)
+
+    def accept_negotiation(
+        self, negotiated: Negotiated, reply: OptionNegotiationReply | None = None
+    ) -> bytes:
+        """Record ``negotiated`` as the session's agreement and return the ``O`` reply.
+
+        Keeps ``faked_noreply`` (unlike a reply on the wire, which cannot carry it).
+        """
+        if self.owed != CommandCode.OPTNEG:
+            raise LocalProtocolError("no option negotiation is waiting for its reply")
+        self.negotiated = negotiated
+        opts = negotiated.opts
+        self._silent = frozenset(code for code, flag in NOREPLY_FLAG.items() if opts & flag)
+        self.owed = None
+        self._session.negotiated(bool(opts & ProtocolOpts.NO_CONNECT))
+        return (reply or negotiated.reply()).encode()

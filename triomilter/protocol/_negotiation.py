@@ -1,0 +1,143 @@
+"""Option negotiation for both roles (protocol.md §4).
+
+The milter role narrows a milter's wishes against an MTA's offer with
+libmilter's rules; the MTA role checks a milter's reply against its own offer.
+Both produce a `Negotiated`, the single record of what the session agreed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from ._commands import OptionNegotiation
+from ._constants import (
+    INTERNAL_PROTOCOL,
+    NO_STAGE_OPTS,
+    NOREPLY_OPTS,
+    PROTOCOL_VERSION,
+    V1_ACTIONS,
+    V2_PROTOCOL,
+    Actions,
+    MacroStage,
+    ProtocolOpts,
+)
+from ._errors import NegotiationError, RemoteProtocolError
+from ._replies import OptionNegotiationReply
+
+# libmilter drops these instead of failing when an old MTA does not offer them:
+# such an MTA never sends the event anyway.
+_DROPPABLE = NOREPLY_OPTS | ProtocolOpts.NO_DATA | ProtocolOpts.NO_UNKNOWN
+
+
+@attrs.frozen
+class Negotiated:
+    """What a session agreed on.
+
+    ``faked_noreply`` holds the ``NOREPLY_*`` steps the milter asked for but
+    the MTA did not offer: on the wire they are ordinary replying stages, and
+    a handler's "no reply" is answered CONTINUE for it (as libmilter does).
+    """
+
+    version: int = PROTOCOL_VERSION
+    actions: Actions = Actions.NONE
+    opts: ProtocolOpts = ProtocolOpts.NONE
+    macros: Mapping[MacroStage, bytes] = attrs.field(factory=dict)
+    faked_noreply: ProtocolOpts = ProtocolOpts.NONE
+
+    def reply(self) -> OptionNegotiationReply:
+        return OptionNegotiationReply(
+            self.version, self.actions, self.opts, tuple(sorted(self.macros.items()))
+        )
+
+
+def offered(offer: OptionNegotiation) -> tuple[Actions, ProtocolOpts]:
+    """The offer's actions and steps, with libmilter's defaults for a zero word."""
+    actions = offer.actions or V1_ACTIONS
+    opts = offer.opts or V2_PROTOCOL
+    return Actions(actions), ProtocolOpts(opts)
+
+
+def negotiate(
+    offer: OptionNegotiation,
+    actions: Actions,
+    opts: ProtocolOpts,
+    macros: Mapping[MacroStage, bytes] | None = None,
+) -> Negotiated:
+    """Narrow a milter's wishes against the MTA's offer (libmilter's rules).
+
+    - version: the lower of the offer's and ours; an offer below 2 fails;
+    - actions: every requested action must be offered, else `NegotiationError`
+      ("does not fulfill action requirements");
+    - steps: ``NOREPLY_*`` not offered are dropped and faked, ``NO_DATA`` and
+      ``NO_UNKNOWN`` not offered are dropped, any other step not offered fails;
+      the MTA-internal bits are never sent.
+    """
+    if offer.version < 2:
+        raise NegotiationError(f"OPTNEG: MTA protocol version {offer.version} is below 2")
+    mta_actions, mta_opts = offered(offer)
+    missing = actions & ~mta_actions
+    if missing:
+        raise NegotiationError(
+            f"OPTNEG: the MTA does not offer the actions the milter needs: {missing!r} "
+            f"(offered {mta_actions!r})"
+        )
+    wanted = ProtocolOpts(opts & ~INTERNAL_PROTOCOL)
+    unoffered = wanted & ~mta_opts
+    fatal = unoffered & ~_DROPPABLE
+    if fatal:
+        raise NegotiationError(
+            f"OPTNEG: the MTA does not offer the protocol steps the milter needs: {fatal!r}"
+        )
+    return Negotiated(
+        version=min(PROTOCOL_VERSION, offer.version),
+        actions=actions,
+        opts=ProtocolOpts(wanted & mta_opts),
+        macros=dict(macros or {}),
+        faked_noreply=ProtocolOpts(unoffered & NOREPLY_OPTS),
+    )
+
+
+def negotiate_all(
+    offer: OptionNegotiation,
+    unhandled: ProtocolOpts,
+    macros: Mapping[MacroStage, bytes] | None = None,
+) -> Negotiated:
+    """libmilter's ``SMFIS_ALL_OPTS``: every offered action, and as steps the
+    ``NO_*`` bits of stages nobody handles plus SKIP if offered (never a
+    ``NOREPLY_*`` or REJECTED_RCPT)."""
+    mta_actions, mta_opts = offered(offer)
+    opts = (unhandled & NO_STAGE_OPTS) | (mta_opts & ProtocolOpts.SKIP)
+    return negotiate(offer, mta_actions, ProtocolOpts(opts & (mta_opts | _DROPPABLE)), macros)
+
+
+def check_reply(offer: OptionNegotiation, reply: OptionNegotiationReply) -> Negotiated:
+    """MTA role: accept a milter's ``O`` reply only if it fits our offer.
+
+    Strict like Sendmail (Postfix checks only the actions): a version above
+    ours or below 2, an action or a step we did not offer, or a macro list
+    for a stage twice is a `RemoteProtocolError`.
+    """
+    if reply.version > offer.version or reply.version < 2:
+        raise RemoteProtocolError(
+            f"OPTNEG reply: version {reply.version} does not fit the offered {offer.version}"
+        )
+    mta_actions, mta_opts = offered(offer)
+    extra_actions = reply.actions & ~mta_actions
+    if extra_actions:
+        raise RemoteProtocolError(f"OPTNEG reply: actions not offered: {extra_actions!r}")
+    extra_opts = reply.opts & ~mta_opts & ~INTERNAL_PROTOCOL
+    if extra_opts:
+        raise RemoteProtocolError(f"OPTNEG reply: protocol steps not offered: {extra_opts!r}")
+    macros: dict[MacroStage, bytes] = {}
+    for stage, names in reply.macros:
+        if stage in macros:
+            raise RemoteProtocolError(f"OPTNEG reply: two macro lists for stage {stage.name}")
+        macros[stage] = names
+    return Negotiated(
+        version=reply.version,
+        actions=reply.actions,
+        opts=ProtocolOpts(reply.opts & ~INTERNAL_PROTOCOL),
+        macros=macros,
+    )

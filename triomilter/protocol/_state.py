@@ -1,0 +1,223 @@
+"""The session state machine shared by both roles (protocol.md §3, §6, §7).
+
+Everything that decides which command may come next, which replies a command
+may get, and how a reply changes the state lives in this file. It does not
+know which role we play: the milter role turns a refusal into a
+`RemoteProtocolError` (the MTA sent it), the MTA role into a
+`LocalProtocolError` (we were about to send it).
+
+Theory of operation. A session is negotiated once (``O``), then runs
+connections (``C`` ... ``Q``/``K``), each running messages (``M`` ... ``E``
+or ``A``). The main flow is a table: in each state, the commands that may
+follow and the state each leads to. Stages an MTA skips (disabled by ``NO_*``
+or simply empty, like a message without a body) are skipped over, as
+libmilter allows. A few commands sit outside the table because they may come
+almost anywhere:
+
+- ``D`` (macros) precedes any command once negotiated; never answered.
+- ``U`` (unknown SMTP command) may come at any point after negotiation and
+  does not move the state.
+- ``A`` ends an open message; outside a message it is ignored. Postfix sends
+  ``A`` after every message and sometimes several in a row.
+- ``Q`` ends the session from any state; ``K`` ends the connection but keeps
+  the negotiation and expects a new ``C``.
+- ``M`` or ``H`` inside a message: libmilter aborts the open message and
+  processes the command (Sendmail sends no ``A`` after a milter decided).
+
+Replies move the state too (libmilter): a final reply to ``E`` ends the
+message; ``a``, ``r``, ``t``, ``d``, ``y`` (or ``4``) to a message-level
+command end it early; only ``a`` does so after ``R`` (the others are about
+that recipient).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ._constants import CommandCode as C
+from ._constants import ReplyCode as R
+
+
+class State(enum.Enum):
+    """Where a session is."""
+
+    NEGOTIATE = "waiting for option negotiation"
+    CONNECT = "waiting for CONNECT"
+    SESSION = "connected, between messages"
+    MAIL = "after MAIL"
+    RCPT = "after RCPT"
+    DATA = "after DATA"
+    HEADERS = "in the headers"
+    EOH = "after end of headers"
+    BODY = "in the body"
+    EOM = "waiting for the end-of-message verdict"
+    CLOSED = "closed"
+
+
+MESSAGE_STATES = frozenset(
+    {State.MAIL, State.RCPT, State.DATA, State.HEADERS, State.EOH, State.BODY, State.EOM}
+)
+
+_CONTENT: dict[int, State] = {
+    C.HEADER: State.HEADERS,
+    C.EOH: State.EOH,
+    C.BODY: State.BODY,
+    C.EOM: State.EOM,
+}
+
+TRANSITIONS: dict[State, dict[int, State]] = {
+    State.NEGOTIATE: {C.OPTNEG: State.CONNECT},
+    State.CONNECT: {C.CONNECT: State.SESSION},
+    State.SESSION: {C.HELO: State.SESSION, C.MAIL: State.MAIL},
+    State.MAIL: {C.RCPT: State.RCPT, C.DATA: State.DATA, **_CONTENT},
+    State.RCPT: {C.RCPT: State.RCPT, C.DATA: State.DATA, **_CONTENT},
+    State.DATA: dict(_CONTENT),
+    State.HEADERS: dict(_CONTENT),
+    State.EOH: {C.BODY: State.BODY, C.EOM: State.EOM},
+    State.BODY: {C.BODY: State.BODY, C.EOM: State.EOM},
+    State.EOM: {},
+    State.CLOSED: {},
+}
+
+# What each command may be answered with (protocol.md §6). SKIP is further
+# limited to sessions that negotiated it; modifications and progress are
+# allowed before the final reply to EOM only.
+_MESSAGE_REPLIES = frozenset(
+    {R.CONTINUE, R.ACCEPT, R.REJECT, R.TEMPFAIL, R.DISCARD, R.REPLYCODE, R.SHUTDOWN}
+)
+_CONNECTION_REPLIES = frozenset(
+    {R.CONTINUE, R.ACCEPT, R.REJECT, R.TEMPFAIL, R.REPLYCODE, R.SHUTDOWN}
+)
+FINAL_REPLIES: dict[int, frozenset[int]] = {
+    C.OPTNEG: frozenset({R.OPTNEG}),
+    C.CONNECT: _CONNECTION_REPLIES,
+    C.HELO: _CONNECTION_REPLIES,
+    C.MAIL: _MESSAGE_REPLIES,
+    C.RCPT: _MESSAGE_REPLIES,
+    C.DATA: _MESSAGE_REPLIES,
+    C.HEADER: _MESSAGE_REPLIES,
+    C.EOH: _MESSAGE_REPLIES,
+    C.BODY: _MESSAGE_REPLIES | {R.SKIP},
+    C.EOM: _MESSAGE_REPLIES,
+    C.UNKNOWN: frozenset({R.CONTINUE, R.REJECT, R.TEMPFAIL, R.REPLYCODE, R.SHUTDOWN}),
+}
+EOM_MODIFICATIONS = frozenset(
+    {
+        R.ADDHEADER,
+        R.INSHEADER,
+        R.CHGHEADER,
+        R.ADDRCPT,
+        R.ADDRCPT_PAR,
+        R.DELRCPT,
+        R.CHGFROM,
+        R.REPLBODY,
+        R.QUARANTINE,
+        R.PROGRESS,
+    }
+)
+
+# Commands that always owe a reply unless their NOREPLY_* step is negotiated.
+REPLYING_COMMANDS = frozenset(FINAL_REPLIES)
+
+_DECIDING = frozenset({R.ACCEPT, R.REJECT, R.TEMPFAIL, R.DISCARD, R.REPLYCODE, R.SHUTDOWN})
+_MESSAGE_LEVEL = frozenset({C.MAIL, C.DATA, C.HEADER, C.EOH, C.BODY})
+
+# Flags returned by SessionState.command().
+ACCEPTED = 0
+ABORTS = 1
+"""The command ends an open message first (an abort is due before it)."""
+IGNORED = 2
+"""The command has no effect and no event (``A`` outside a message)."""
+ENDS = 4
+"""The command ends the connection (``Q``, ``K``)."""
+
+
+class SessionState:
+    """The state of one session, advanced by commands and replies."""
+
+    __slots__ = ("after_connect", "state")
+
+    def __init__(self) -> None:
+        self.state = State.NEGOTIATE
+        # Where a connection starts: CONNECT, or SESSION when NO_CONNECT was agreed.
+        self.after_connect = State.CONNECT
+
+    @property
+    def in_message(self) -> bool:
+        return self.state in MESSAGE_STATES
+
+    def command(self, code: int) -> int | None:
+        """Advance for command ``code``; None if it may not come now.
+
+        Returns a combination of `ABORTS`, `IGNORED`, `ENDS` (or `ACCEPTED`).
+        The state is unchanged when None is returned.
+        """
+        state = self.state
+        nxt = TRANSITIONS[state].get(code)
+        if nxt is not None:
+            self.state = nxt
+            return ACCEPTED
+        if state is State.NEGOTIATE or state is State.CLOSED or state is State.EOM:
+            if code == C.QUIT and state is not State.CLOSED:
+                self.state = State.CLOSED
+                return ENDS
+            return None
+        in_message = state in MESSAGE_STATES
+        if code == C.UNKNOWN:
+            return ACCEPTED
+        if code == C.ABORT:
+            if in_message:
+                self.state = State.SESSION
+                return ACCEPTED
+            return IGNORED
+        if code == C.QUIT:
+            self.state = State.CLOSED
+            return ENDS | (ABORTS if in_message else 0)
+        if code == C.QUIT_NC:
+            self.state = self.after_connect
+            return ENDS | (ABORTS if in_message else 0)
+        if in_message and (code == C.MAIL or code == C.HELO):
+            self.state = TRANSITIONS[State.SESSION][code]
+            return ABORTS
+        return None
+
+    def expected(self) -> list[str]:
+        """Names of the commands that may come now (for error messages)."""
+        codes = list(TRANSITIONS[self.state])
+        if self.state not in (State.NEGOTIATE, State.CLOSED, State.EOM):
+            codes += [C.MACRO, C.UNKNOWN, C.ABORT, C.QUIT, C.QUIT_NC]
+            if self.state in MESSAGE_STATES:
+                codes += [C.MAIL, C.HELO]
+        elif self.state is State.NEGOTIATE:
+            codes.append(C.QUIT)
+        return [C(code).name for code in dict.fromkeys(codes)]
+
+    def negotiated(self, skip_connect: bool) -> None:
+        """The ``O`` reply was sent or received."""
+        self.after_connect = State.SESSION if skip_connect else State.CONNECT
+        self.state = self.after_connect
+
+    def final_reply(self, command: int, reply: int) -> None:
+        """Apply the state change of a final reply to ``command``."""
+        if command == C.EOM or (
+            reply in _DECIDING
+            and (command in _MESSAGE_LEVEL or (command == C.RCPT and reply == R.ACCEPT))
+            and self.state in MESSAGE_STATES
+        ):
+            self.state = State.SESSION
+
+
+def body_run(run: int, reply: int, error: type[Exception]) -> int:
+    """Track body-replacement packets at end of message; they must be contiguous.
+
+    ``run`` is 0 before any ``b``, 1 inside the run, 2 once another change
+    followed it. Postfix refuses a ``b`` after the run ended ("body
+    replacement requests can't currently be mixed with other requests").
+    """
+    if reply == R.REPLBODY:
+        if run == 2:
+            raise error("REPLBODY ('b') chunks must be contiguous: another change came between")
+        return 1
+    if run == 1 and reply != R.PROGRESS:
+        return 2
+    return run
