@@ -1,1 +1,79 @@
-"""triomilter: typed, pure-Python mail filters (milters) for Postfix and Sendmail, on Trio."""
+"""triomilter: typed, pure-Python mail filters (milters) for Postfix and Sendmail, on Trio.
+
+Write ordinary typed functions, decorate them with the stage they handle,
+collect them in a `Milter`, and run it with ``trio.run(triomilter.serve, milter,
+"inet:8894@127.0.0.1")`` or the ``triomilter serve`` command. Annotations
+choose the argument types (``str`` is UTF-8 text, ``bytes`` the raw bytes) and
+the failure semantics (``Status`` or ``Result[Status]``).
+"""
+
+from ._context import Context, ContextApi, SocketFamily, SocketInfo, Stage
+from ._errors import (
+    ActionNotNegotiated,
+    ConnectionLost,
+    InvalidArgument,
+    MacroDecodeError,
+    MilterError,
+    MilterPanic,
+    StageError,
+)
+from ._handlers import (
+    Handler,
+    on_abort,
+    on_body,
+    on_close,
+    on_connect,
+    on_data,
+    on_eoh,
+    on_eom,
+    on_header,
+    on_helo,
+    on_mail,
+    on_negotiate,
+    on_rcpt,
+    on_unknown,
+)
+from ._milter import Milter
+from ._server import serve
+from ._status import Err, Ok, Result, Status
+from .protocol import Actions, MacroStage, ProtocolOpts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActionNotNegotiated",
+    "Actions",
+    "ConnectionLost",
+    "Context",
+    "ContextApi",
+    "Err",
+    "Handler",
+    "InvalidArgument",
+    "MacroDecodeError",
+    "MacroStage",
+    "Milter",
+    "MilterError",
+    "MilterPanic",
+    "Ok",
+    "ProtocolOpts",
+    "Result",
+    "SocketFamily",
+    "SocketInfo",
+    "Stage",
+    "StageError",
+    "Status",
+    "on_abort",
+    "on_body",
+    "on_close",
+    "on_connect",
+    "on_data",
+    "on_eoh",
+    "on_eom",
+    "on_header",
+    "on_helo",
+    "on_mail",
+    "on_negotiate",
+    "on_rcpt",
+    "on_unknown",
+    "serve",
+]

@@ -25,7 +25,7 @@ class FrameReader:
         self._pos = 0
         self.max_data_size = max_data_size
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Append received bytes."""
         buf = self._buf
         if self._pos:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from ._commands import (
     ABORT,
     COMMAND_DECODERS,
@@ -11,6 +13,7 @@ from ._commands import (
 from ._constants import (
     ACTION_OF_REPLY,
     MAX_DATA_SIZE,
+    NO_FLAG,
     NOREPLY_FLAG,
     CommandCode,
     ProtocolOpts,
@@ -117,7 +120,7 @@ class MilterConnection:
 
     # --- receiving -----------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._reader.feed(data)
 
     def next_event(self) -> Command | NeedData:
@@ -167,7 +170,9 @@ class MilterConnection:
             if flags & ABORTS:
                 # An open message ends first: deliver an abort, then the command
                 # itself (libmilter's order for an unexpected MAIL, HELO, QUIT).
-                self._end_message()
+                # The message's macros are already gone for MAIL and HELO (the
+                # scoping above cleared the later stages while keeping the D M
+                # that came with this MAIL); QUIT and K clear all on delivery.
                 self._pending = event
                 return ABORT
             if code == CommandCode.ABORT:
@@ -202,6 +207,12 @@ class MilterConnection:
         code = reply.code
         if owed is None:
             raise LocalProtocolError(f"{reply_name(code)}: no reply is owed now")
+        # Encode before any state changes: a reply that cannot be encoded (a NUL
+        # in a string, an index out of range) must leave the session as it was.
+        try:
+            wire = reply.encode()
+        except (ValueError, struct.error) as exc:
+            raise LocalProtocolError(f"{reply_name(code)}: cannot be encoded: {exc}") from None
         if code in FINAL_REPLIES[owed]:
             if code == ReplyCode.SKIP and not self._negotiated_opts() & ProtocolOpts.SKIP:
                 raise LocalProtocolError("SKIP was not negotiated")
@@ -212,7 +223,7 @@ class MilterConnection:
             self._session.final_reply(owed, code)
             if owed == _EOM or not self._session.in_message:
                 self._end_message()
-            return reply.encode()
+            return wire
         if owed == _EOM and code in EOM_MODIFICATIONS:
             needed = ACTION_OF_REPLY.get(code)
             if needed is not None:
@@ -222,7 +233,7 @@ class MilterConnection:
                         f"{reply_name(code)} needs the {needed!r} action, which was not negotiated"
                     )
             self._body_run = body_run(self._body_run, code, LocalProtocolError)
-            return reply.encode()
+            return wire
         raise LocalProtocolError(f"{reply_name(code)} is not a valid reply to {command_name(owed)}")
 
     def _negotiated_opts(self) -> ProtocolOpts:
@@ -249,5 +260,8 @@ class MilterConnection:
         opts = negotiated.opts
         self._silent = frozenset(code for code, flag in NOREPLY_FLAG.items() if opts & flag)
         self.owed = None
-        self._session.negotiated(bool(opts & ProtocolOpts.NO_CONNECT))
+        self._session.negotiated(
+            bool(opts & ProtocolOpts.NO_CONNECT),
+            frozenset(code for code, flag in NO_FLAG.items() if opts & flag),
+        )
         return (reply or negotiated.reply()).encode()

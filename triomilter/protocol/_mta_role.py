@@ -6,6 +6,8 @@ Powers the testing client and the benchmarks. It is strict where MTAs differ
 
 from __future__ import annotations
 
+import struct
+
 from ._commands import Command, OptionNegotiation
 from ._constants import (
     ACTION_OF_REPLY,
@@ -81,10 +83,16 @@ class MtaConnection:
                 f"cannot send {command_name(code)}: the reply to "
                 f"{command_name(self.awaiting)} is still pending"
             )
+        # Encode before any state changes: a command that cannot be encoded (a
+        # NUL in a string, a port out of range) must leave the session as it was.
+        try:
+            wire = command.encode()
+        except (ValueError, struct.error) as exc:
+            raise LocalProtocolError(f"{command_name(code)}: cannot be encoded: {exc}") from None
         if code == CommandCode.MACRO:
             if self._session.state in (State.NEGOTIATE, State.CLOSED):
                 raise LocalProtocolError(f"cannot send macros {self._session.state.value}")
-            return command.encode()
+            return wire
         if self.is_disabled(code):
             raise LocalProtocolError(
                 f"the milter negotiated not to receive {command_name(code)} (NO_* step)"
@@ -100,9 +108,9 @@ class MtaConnection:
         if self.expects_reply(code):
             self.awaiting = code
             self._body_run = 0
-        return command.encode()
+        return wire
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._reader.feed(data)
 
     def next_event(self) -> Reply | NeedData:
@@ -141,7 +149,11 @@ class MtaConnection:
         if code == ReplyCode.OPTNEG:
             assert isinstance(reply, OptionNegotiationReply) and self._offer is not None
             self.negotiated = check_reply(self._offer, reply)
-            self._session.negotiated(bool(self.negotiated.opts & ProtocolOpts.NO_CONNECT))
+            opts = self.negotiated.opts
+            self._session.negotiated(
+                bool(opts & ProtocolOpts.NO_CONNECT),
+                frozenset(code for code, flag in NO_FLAG.items() if opts & flag),
+            )
         elif code == ReplyCode.SKIP and not (
             self.negotiated and self.negotiated.opts & ProtocolOpts.SKIP
         ):

@@ -135,12 +135,13 @@ ENDS = 4
 class SessionState:
     """The state of one session, advanced by commands and replies."""
 
-    __slots__ = ("after_connect", "state")
+    __slots__ = ("after_connect", "state", "table")
 
     def __init__(self) -> None:
         self.state = State.NEGOTIATE
         # Where a connection starts: CONNECT, or SESSION when NO_CONNECT was agreed.
         self.after_connect = State.CONNECT
+        self.table = TRANSITIONS
 
     @property
     def in_message(self) -> bool:
@@ -153,7 +154,7 @@ class SessionState:
         The state is unchanged when None is returned.
         """
         state = self.state
-        nxt = TRANSITIONS[state].get(code)
+        nxt = self.table[state].get(code)
         if nxt is not None:
             self.state = nxt
             return ACCEPTED
@@ -177,13 +178,13 @@ class SessionState:
             self.state = self.after_connect
             return ENDS | (ABORTS if in_message else 0)
         if in_message and (code == C.MAIL or code == C.HELO):
-            self.state = TRANSITIONS[State.SESSION][code]
+            self.state = self.table[State.SESSION][code]
             return ABORTS
         return None
 
     def expected(self) -> list[str]:
         """Names of the commands that may come now (for error messages)."""
-        codes = list(TRANSITIONS[self.state])
+        codes = list(self.table[self.state])
         if self.state not in (State.NEGOTIATE, State.CLOSED, State.EOM):
             codes += [C.MACRO, C.UNKNOWN, C.ABORT, C.QUIT, C.QUIT_NC]
             if self.state in MESSAGE_STATES:
@@ -192,10 +193,16 @@ class SessionState:
             codes.append(C.QUIT)
         return [C(code).name for code in dict.fromkeys(codes)]
 
-    def negotiated(self, skip_connect: bool) -> None:
-        """The ``O`` reply was sent or received."""
+    def negotiated(self, skip_connect: bool, disabled: frozenset[int] = frozenset()) -> None:
+        """The ``O`` reply was sent or received.
+
+        ``disabled`` are the commands the MTA will not send (``NO_*``): the
+        table then lets the flow skip over them, so with ``NO_MAIL`` a message
+        starts at its first RCPT (or whatever comes first).
+        """
         self.after_connect = State.SESSION if skip_connect else State.CONNECT
         self.state = self.after_connect
+        self.table = skip_over(disabled) if disabled else TRANSITIONS
 
     def final_reply(self, command: int, reply: int) -> None:
         """Apply the state change of a final reply to ``command``."""
@@ -205,6 +212,26 @@ class SessionState:
             and self.state in MESSAGE_STATES
         ):
             self.state = State.SESSION
+
+
+def skip_over(disabled: frozenset[int]) -> dict[State, dict[int, State]]:
+    """The transition table with the ``disabled`` commands skipped over."""
+    table: dict[State, dict[int, State]] = {}
+    for state, moves in TRANSITIONS.items():
+        reachable = dict(moves)
+        frontier = [nxt for code, nxt in moves.items() if code in disabled]
+        seen = {state}
+        while frontier:
+            via = frontier.pop()
+            if via in seen:
+                continue
+            seen.add(via)
+            for code, nxt in TRANSITIONS[via].items():
+                reachable.setdefault(code, nxt)
+                if code in disabled:
+                    frontier.append(nxt)
+        table[state] = {code: nxt for code, nxt in reachable.items() if code not in disabled}
+    return table
 
 
 def body_run(run: int, reply: int, error: type[Exception]) -> int:

@@ -1,0 +1,350 @@
+"""The context handed to every handler: per-connection data and the context API (SPEC §2.3)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import attrs
+import trio
+
+from ._errors import ActionNotNegotiated, InvalidArgument, MacroDecodeError, StageError
+from .protocol import (
+    CHUNK_SIZE,
+    Actions,
+    AddHeader,
+    AddRecipient,
+    AddRecipientExt,
+    ChangeHeader,
+    ChangeSender,
+    DeleteRecipient,
+    InsertHeader,
+    MacroStage,
+    Modification,
+    Progress,
+    Quarantine,
+    ReplaceBody,
+)
+from .protocol import PROGRESS as _PROGRESS
+
+if TYPE_CHECKING:
+    from ._dispatch import Session
+
+D = TypeVar("D")
+
+
+class SocketFamily(enum.StrEnum):
+    """The SMTP client's address family, as the MTA reported it."""
+
+    INET = "inet"
+    INET6 = "inet6"
+    UNIX = "unix"
+
+
+@attrs.frozen
+class SocketInfo:
+    """The SMTP client's address: IP text and port, or a UNIX socket path (port 0)."""
+
+    family: SocketFamily
+    address: str
+    port: int = 0
+
+
+class Stage(enum.Enum):
+    """The protocol stage a handler runs in."""
+
+    NEGOTIATE = "negotiate"
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    HEADER = "header"
+    EOH = "eoh"
+    BODY = "body"
+    EOM = "eom"
+    ABORT = "abort"
+    CLOSE = "close"
+    UNKNOWN = "unknown"
+
+
+# --- argument validation -------------------------------------------------------
+
+_HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext: printable, no colon
+_REPLY_CODE = re.compile(r"[45][0-9][0-9]")
+_EXT_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+MAX_REPLY_LINES = 32
+MAX_REPLY_LINE = 980
+_U32_MAX = 0xFFFFFFFF
+
+
+def _to_bytes(value: str | bytes, what: str) -> bytes:
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(f"{what} cannot be encoded as UTF-8: {exc}") from None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise InvalidArgument(f"{what} must be str or bytes, not {type(value).__name__}")
+
+
+def _plain(value: str | bytes, what: str, *, empty: bool = False) -> bytes:
+    """A one-line string: no NUL, CR or LF."""
+    data = _to_bytes(value, what)
+    if not data and not empty:
+        raise InvalidArgument(f"{what} must not be empty")
+    for bad, name in ((b"\0", "a NUL byte"), (b"\r", "CR"), (b"\n", "LF")):
+        if bad in data:
+            raise InvalidArgument(f"{what} must not contain {name}: {data[:80]!r}")
+    return data
+
+
+def _header_name(name: str | bytes) -> bytes:
+    data = _to_bytes(name, "header name")
+    if not _HEADER_NAME.fullmatch(data):
+        raise InvalidArgument(
+            f"header name must be printable ASCII without spaces or ':': {data[:80]!r}"
+        )
+    return data
+
+
+def _header_value(value: str | bytes) -> bytes:
+    """A header value: no NUL or CR; LF only to fold (followed by a space or tab)."""
+    data = _to_bytes(value, "header value")
+    if b"\0" in data or b"\r" in data:
+        raise InvalidArgument(f"header value must not contain NUL or CR: {data[:80]!r}")
+    pos = data.find(b"\n")
+    while pos >= 0:
+        if data[pos + 1 : pos + 2] not in (b" ", b"\t"):
+            raise InvalidArgument(
+                "header value: a line break must be a fold (LF followed by a space or tab), "
+                f"never CRLF or a bare LF: {data[:80]!r}"
+            )
+        pos = data.find(b"\n", pos + 1)
+    return data
+
+
+def _index(index: int, what: str, minimum: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise InvalidArgument(f"{what} must be an int, not {type(index).__name__}")
+    if not minimum <= index <= _U32_MAX:
+        raise InvalidArgument(f"{what} must be between {minimum} and {_U32_MAX}, got {index}")
+    return index
+
+
+def build_error_reply(code: str | int, ext_code: str | None, lines: str | Sequence[str]) -> bytes:
+    """Validate and format a custom SMTP reply as libmilter's smfi_set(ml)reply does."""
+    code_text = str(code)
+    if not _REPLY_CODE.fullmatch(code_text):
+        raise InvalidArgument(f"reply code must be 4xx or 5xx, got {code!r}")
+    if ext_code is not None:
+        if not isinstance(ext_code, str) or not _EXT_CODE.fullmatch(ext_code):
+            raise InvalidArgument(f"extended code must look like 5.7.1, got {ext_code!r}")
+        if ext_code[0] != code_text[0]:
+            raise InvalidArgument(
+                f"extended code {ext_code} does not match the class of reply code {code_text}"
+            )
+    texts = [lines] if isinstance(lines, str) else list(lines)
+    if not texts:
+        raise InvalidArgument("a reply needs at least one line")
+    if len(texts) > MAX_REPLY_LINES:
+        raise InvalidArgument(f"a reply has at most {MAX_REPLY_LINES} lines, got {len(texts)}")
+    encoded: list[bytes] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise InvalidArgument(f"reply lines must be str, not {type(text).__name__}")
+        line = _plain(text, "reply line", empty=True)
+        if len(text) > MAX_REPLY_LINE:
+            raise InvalidArgument(f"a reply line has at most {MAX_REPLY_LINE} characters")
+        # Sendmail treats the text as a format string; Postfix turns %% into %.
+        encoded.append(line.replace(b"%", b"%%"))
+    head = code_text.encode()
+    if len(encoded) == 1:
+        ext = b" " + ext_code.encode() if ext_code else b""
+        return head + ext + (b" " + encoded[0] if encoded[0] else b"")
+    ext = (ext_code or f"{code_text[0]}.0.0").encode()
+    out = [head + b"-" + ext + b" " + line for line in encoded[:-1]]
+    out.append(head + b" " + ext + b" " + encoded[-1])
+    return b"\r\n".join(out)
+
+
+class ContextApi:
+    """What a handler can ask of the MTA connection (SPEC §2.3).
+
+    End-of-message actions are validated when called and raise a
+    `MilterError` subclass without sending anything if they are not allowed.
+    Valid ones are queued at once and written together with the final reply
+    of the stage (one write, no Nagle stall); `signal_progress` and a large
+    queue are written immediately.
+    """
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    # --- macros -----------------------------------------------------------------
+
+    def macro_bytes(self, name: str | bytes) -> bytes | None:
+        """The raw value of macro ``name`` (``"i"`` and ``"{i}"`` are the same), or None."""
+        key = name.encode("ascii") if isinstance(name, str) else name
+        return self._session.conn.macros.get(key)
+
+    def macro_value(self, name: str | bytes) -> str | None:
+        """The value of macro ``name`` as text, or None; `MacroDecodeError` if not UTF-8."""
+        value = self.macro_bytes(name)
+        if value is None:
+            return None
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MacroDecodeError(
+                f"macro {name!r} is not valid UTF-8: {value[:80]!r}; use macro_bytes()"
+            ) from None
+
+    def request_macros(self, stage: MacroStage, names: str) -> None:
+        """Ask the MTA to send macros ``names`` (space-separated) at ``stage``.
+
+        Only in ``on_negotiate``; once per stage (a second call replaces the
+        list). Postfix ignores an empty list.
+        """
+        self._session.require_stage(Stage.NEGOTIATE, "request_macros")
+        if not isinstance(stage, MacroStage):
+            raise InvalidArgument(f"stage must be a MacroStage, not {stage!r}")
+        data = _plain(names, "macro names", empty=True)
+        self._session.requested_macros[stage] = b" ".join(data.split())
+
+    # --- replies ---------------------------------------------------------------
+
+    def set_error_reply(
+        self, code: str | int, ext_code: str | None, lines: str | Sequence[str]
+    ) -> None:
+        """Use this SMTP reply if the handler then returns REJECT (5xx) or TEMPFAIL (4xx).
+
+        ``lines`` is one line or a list (multi-line reply, at most 32 lines of at
+        most 980 characters, no CR/LF). ``%`` is sent literally. The reply applies
+        to the status the current handler returns and is forgotten afterwards.
+        """
+        self._session.error_reply = build_error_reply(code, ext_code, lines)
+
+    # --- end-of-message actions --------------------------------------------------
+
+    async def add_header(self, name: str | bytes, value: str | bytes) -> None:
+        """Append a header to the message."""
+        await self._modify(Actions.ADD_HEADER, AddHeader(_header_name(name), _header_value(value)))
+
+    async def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
+        """Insert a header at position ``index`` (0 = first)."""
+        reply = InsertHeader(
+            _index(index, "header index", 0), _header_name(name), _header_value(value)
+        )
+        await self._modify(Actions.ADD_HEADER, reply)
+
+    async def replace_header(
+        self, name: str | bytes, index: int, value: str | bytes | None
+    ) -> None:
+        """Replace the ``index``-th (1-based) header ``name``; ``None`` deletes it."""
+        data = b"" if value is None else _header_value(value)
+        if value is not None and not data:
+            raise InvalidArgument("an empty value would delete the header: pass None for that")
+        reply = ChangeHeader(_index(index, "header index", 1), _header_name(name), data)
+        await self._modify(Actions.REPLACE_HEADER, reply)
+
+    async def add_recipient(self, rcpt: str | bytes, esmtp_args: str | bytes | None = None) -> None:
+        """Add an envelope recipient; ESMTP args need ``ADD_RECIPIENT_EXT``."""
+        address = _plain(rcpt, "recipient")
+        if esmtp_args is None:
+            await self._modify(Actions.ADD_RECIPIENT, AddRecipient(address))
+        else:
+            args = _plain(esmtp_args, "ESMTP arguments")
+            await self._modify(Actions.ADD_RECIPIENT_EXT, AddRecipientExt(address, args))
+
+    async def remove_recipient(self, rcpt: str | bytes) -> None:
+        """Remove an envelope recipient (as the client gave it, e.g. ``<a@b>``)."""
+        await self._modify(Actions.REMOVE_RECIPIENT, DeleteRecipient(_plain(rcpt, "recipient")))
+
+    async def replace_sender(
+        self, sender: str | bytes, esmtp_args: str | bytes | None = None
+    ) -> None:
+        """Replace the envelope sender."""
+        args = None if esmtp_args is None else _plain(esmtp_args, "ESMTP arguments")
+        await self._modify(Actions.REPLACE_SENDER, ChangeSender(_plain(sender, "sender"), args))
+
+    async def append_body_chunk(self, data: str | bytes) -> None:
+        """Append ``data`` to the replacement body (calls build it up in order).
+
+        Sent in packets of at most 65535 bytes.
+        """
+        body = _to_bytes(data, "body chunk")
+        self._session.check_action(Actions.REPLACE_BODY, "append_body_chunk")
+        for start in range(0, len(body), CHUNK_SIZE):
+            await self._session.queue(ReplaceBody(body[start : start + CHUNK_SIZE]))
+
+    async def quarantine(self, reason: str | bytes) -> None:
+        """Put the message in the MTA's hold (quarantine) queue."""
+        await self._modify(Actions.QUARANTINE, Quarantine(_plain(reason, "quarantine reason")))
+
+    async def signal_progress(self) -> None:
+        """Tell the MTA we are still working (resets its timeout); sent at once."""
+        self._session.require_stage(Stage.EOM, "signal_progress")
+        await self._session.queue(_PROGRESS, flush=True)
+
+    async def _modify(self, action: Actions, reply: Modification | Progress) -> None:
+        self._session.check_action(action, type(reply).__name__)
+        await self._session.queue(reply)
+
+
+class Context(Generic[D]):
+    """Passed first to every handler of one MTA connection.
+
+    ``data`` is yours: it survives across the messages of the connection and
+    is dropped after ``on_close``. ``api`` talks to the MTA.
+    """
+
+    __slots__ = ("_session", "api", "data")
+
+    def __init__(self, session: Session) -> None:
+        self.data: D | None = None
+        self.api = ContextApi(session)
+        self._session = session
+
+    @property
+    def connection_nursery(self) -> trio.Nursery:
+        """A nursery tied to this MTA connection, for background work.
+
+        Start a lookup at connect and await its result at end of message;
+        whatever is still running when the connection ends is cancelled.
+        """
+        nursery = self._session.nursery
+        if nursery is None:
+            raise StageError("the connection nursery is not available outside a connection")
+        return nursery
+
+    @property
+    def connection_id(self) -> str:
+        """The id that every log line about this connection carries."""
+        return self._session.connection_id
+
+    @property
+    def stage(self) -> Stage:
+        """The stage whose handler is running."""
+        return self._session.stage
+
+    @property
+    def negotiated_actions(self) -> Actions:
+        """The actions the MTA granted (what ``on_eom`` may do)."""
+        return self._session.actions
+
+
+__all__ = [
+    "ActionNotNegotiated",
+    "Context",
+    "ContextApi",
+    "SocketFamily",
+    "SocketInfo",
+    "Stage",
+    "build_error_reply",
+]
