@@ -69,6 +69,9 @@ class Stage(enum.Enum):
     CLOSE = "close"
     UNKNOWN = "unknown"
 
+    # Members are singletons: identity hashing is exact and runs in C.
+    __hash__ = object.__hash__
+
 
 # --- argument validation -------------------------------------------------------
 

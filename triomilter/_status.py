@@ -36,6 +36,9 @@ class Status(enum.Enum):
     SKIP = "skip"
     ALL_OPTS = "all_opts"
 
+    # Members are singletons: identity hashing is exact and runs in C.
+    __hash__ = object.__hash__
+
     def __repr__(self) -> str:
         return f"Status.{self.name}"
 

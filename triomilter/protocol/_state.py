@@ -41,6 +41,10 @@ from ._constants import ReplyCode as R
 class State(enum.Enum):
     """Where a session is."""
 
+    # Members are singletons: identity hashing is exact and, unlike Enum's
+    # name hashing, runs in C (a state lookup happens on every command).
+    __hash__ = object.__hash__
+
     NEGOTIATE = "waiting for option negotiation"
     CONNECT = "waiting for CONNECT"
     SESSION = "connected, between messages"
@@ -178,8 +182,12 @@ class SessionState:
             self.state = self.after_connect
             return ENDS | (ABORTS if in_message else 0)
         if in_message and (code == C.MAIL or code == C.HELO):
-            self.state = self.table[State.SESSION][code]
-            return ABORTS
+            # Only if the command is not disabled (NO_MAIL, NO_HELO): the table
+            # between messages then lacks it, like any other disabled command.
+            nxt = self.table[State.SESSION].get(code)
+            if nxt is not None:
+                self.state = nxt
+                return ABORTS
         return None
 
     def expected(self) -> list[str]:
@@ -188,7 +196,7 @@ class SessionState:
         if self.state not in (State.NEGOTIATE, State.CLOSED, State.EOM):
             codes += [C.MACRO, C.UNKNOWN, C.ABORT, C.QUIT, C.QUIT_NC]
             if self.state in MESSAGE_STATES:
-                codes += [C.MAIL, C.HELO]
+                codes += [c for c in (C.MAIL, C.HELO) if c in self.table[State.SESSION]]
         elif self.state is State.NEGOTIATE:
             codes.append(C.QUIT)
         return [C(code).name for code in dict.fromkeys(codes)]
