@@ -185,13 +185,14 @@ class StepReply:
       the milter negotiated ``NO_*`` for it (status CONTINUE), it replied
       SKIP to an earlier body chunk (status SKIP), or it already decided the
       message or the connection (the status of that decision).
-    - ``raw``: the engine's final reply object, if one was received.
+    - ``raw``: the engine's final reply object, if one was received (not
+      compared: ``reply == StepReply(Status.CONTINUE)`` holds for a sent step).
     """
 
     status: Status
     text: str | None = None
     sent: bool = True
-    raw: protocol.Reply | None = attrs.field(default=None, repr=False)
+    raw: protocol.Reply | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def smtp_code(self) -> int | None:
@@ -280,7 +281,9 @@ class EomReply(StepReply):
     def has_added_recipient(self, rcpt: Matcher, args: Matcher | None = ANY) -> bool:
         """``args=None`` matches only a recipient added without ESMTP arguments."""
         return any(
-            isinstance(c, AddRecipient) and match_text(rcpt, c.rcpt) and match_optional(args, c.args)
+            isinstance(c, AddRecipient)
+            and match_text(rcpt, c.rcpt)
+            and match_optional(args, c.args)
             for c in self.modifications
         )
 
