@@ -31,6 +31,16 @@ from ._replies import OptionNegotiationReply
 _DROPPABLE = NOREPLY_OPTS | ProtocolOpts.NO_DATA | ProtocolOpts.NO_UNKNOWN
 
 
+def _without(value: int, mask: int) -> int:
+    """``value`` with the bits of ``mask`` cleared, over all 32 bits.
+
+    Not ``value & ~mask`` on the flag types: ``~`` of an ``IntFlag`` only
+    inverts the bits the enum defines (``~Actions(0x1FF)`` is 0), so bits an
+    MTA or a milter sends beyond them would slip through every check.
+    """
+    return int(value) & ~int(mask)
+
+
 @attrs.frozen
 class Negotiated:
     """What a session agreed on.
@@ -77,15 +87,15 @@ def negotiate(
     if offer.version < 2:
         raise NegotiationError(f"OPTNEG: MTA protocol version {offer.version} is below 2")
     mta_actions, mta_opts = offered(offer)
-    missing = actions & ~mta_actions
+    missing = Actions(_without(actions, mta_actions))
     if missing:
         raise NegotiationError(
             f"OPTNEG: the MTA does not offer the actions the milter needs: {missing!r} "
             f"(offered {mta_actions!r})"
         )
-    wanted = ProtocolOpts(opts & ~INTERNAL_PROTOCOL)
-    unoffered = wanted & ~mta_opts
-    fatal = unoffered & ~_DROPPABLE
+    wanted = ProtocolOpts(_without(opts, INTERNAL_PROTOCOL))
+    unoffered = ProtocolOpts(_without(wanted, mta_opts))
+    fatal = ProtocolOpts(_without(unoffered, _DROPPABLE))
     if fatal:
         raise NegotiationError(
             f"OPTNEG: the MTA does not offer the protocol steps the milter needs: {fatal!r}"
@@ -124,10 +134,10 @@ def check_reply(offer: OptionNegotiation, reply: OptionNegotiationReply) -> Nego
             f"OPTNEG reply: version {reply.version} does not fit the offered {offer.version}"
         )
     mta_actions, mta_opts = offered(offer)
-    extra_actions = reply.actions & ~mta_actions
+    extra_actions = Actions(_without(reply.actions, mta_actions))
     if extra_actions:
         raise RemoteProtocolError(f"OPTNEG reply: actions not offered: {extra_actions!r}")
-    extra_opts = reply.opts & ~mta_opts & ~INTERNAL_PROTOCOL
+    extra_opts = ProtocolOpts(_without(reply.opts, mta_opts | INTERNAL_PROTOCOL))
     if extra_opts:
         raise RemoteProtocolError(f"OPTNEG reply: protocol steps not offered: {extra_opts!r}")
     macros: dict[MacroStage, bytes] = {}
@@ -138,6 +148,6 @@ def check_reply(offer: OptionNegotiation, reply: OptionNegotiationReply) -> Nego
     return Negotiated(
         version=reply.version,
         actions=reply.actions,
-        opts=ProtocolOpts(reply.opts & ~INTERNAL_PROTOCOL),
+        opts=ProtocolOpts(_without(reply.opts, INTERNAL_PROTOCOL)),
         macros=macros,
     )
