@@ -101,6 +101,9 @@ async def serve(
         remove_stale_socket=remove_stale_socket,
         socket_mode=socket_mode,
     )
+    # Our socket file, to remove on exit only if it is still ours: a successor
+    # may have replaced it while we drained (a restart).
+    socket_file = _file_id(spec.path) if spec.family == "unix" else None
     server = _Server(
         milter,
         spec,
@@ -116,7 +119,7 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
-        if spec.family == "unix":
+        if socket_file is not None and _file_id(spec.path) == socket_file:
             with contextlib.suppress(OSError):
                 os.unlink(spec.path)
     if server.tripwire.panic is not None:
@@ -204,7 +207,10 @@ class _Server:
         try:
             if self.spec.family != "unix":
                 # Trio sets it already; the latency of every reply depends on it.
-                stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
+                # A peer that already reset the connection makes it fail (EINVAL
+                # on macOS): that must not escape and stop the server.
+                with contextlib.suppress(OSError):
+                    stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
                 log.debug("[%s] connection from %s", connection_id, _peer(stream))
             await handle_connection(
                 self.milter,
@@ -275,6 +281,14 @@ class _Server:
     async def _watch_event(self, shutdown: trio.Event) -> None:
         await shutdown.wait()
         await self._drain()
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def _peer(stream: trio.SocketStream) -> object:

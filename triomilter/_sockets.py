@@ -112,7 +112,7 @@ async def open_listener(
         infos = await trio.socket.getaddrinfo(
             host, spec.port, family, stdsocket.SOCK_STREAM, 0, stdsocket.AI_PASSIVE
         )
-    except stdsocket.gaierror as exc:
+    except (stdsocket.gaierror, UnicodeError) as exc:  # UnicodeError: not a valid host name
         raise SocketSpecError(f"socket spec {spec}: cannot resolve host {host!r}: {exc}") from None
     sockaddr = infos[0][4]
     sock = trio.socket.socket(family, stdsocket.SOCK_STREAM)

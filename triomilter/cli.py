@@ -58,7 +58,10 @@ def load_milter(target: str) -> Milter:
         if isinstance(value, Milter):
             return value
         if isinstance(value, types.ModuleType):
-            return Milter.from_module(value)
+            milter = Milter.from_module(value)
+            if not milter.handlers:
+                raise LoadError(f"{target}: module {value.__name__!r} has no decorated handlers")
+            return milter
         raise LoadError(f"{target} is a {type(value).__name__}, not a triomilter.Milter")
     named = getattr(module, "milter", None)
     if isinstance(named, Milter):
