@@ -35,6 +35,7 @@ from ._handlers import (
 )
 from ._milter import Milter
 from ._server import serve
+from ._sockets import SocketSpecError
 from ._status import Err, Ok, Result, Status
 from .protocol import Actions, MacroStage, ProtocolOpts
 
@@ -59,6 +60,7 @@ __all__ = [
     "Result",
     "SocketFamily",
     "SocketInfo",
+    "SocketSpecError",
     "Stage",
     "StageError",
     "Status",

@@ -64,6 +64,8 @@ from .protocol._state import FINAL_REPLIES
 log = logging.getLogger("triomilter")
 
 FLUSH_THRESHOLD = 256 * 1024
+CLOSE_GRACE = 1.0
+"""Seconds on_abort/on_close may take when a shutdown cancels their connection."""
 """Queued end-of-message changes are written early past this many bytes."""
 
 _STAGE_OF_CODE: dict[int, Stage] = {
@@ -192,6 +194,12 @@ class Session:
         except trio.BrokenResourceError as exc:
             self.log(logging.WARNING, "connection broken: %s", exc)
             await self._connection_lost()
+        except trio.Cancelled:
+            # Shutdown (grace over, or serve() cancelled): still run on_abort and
+            # on_close, as libmilter does when a session ends, but briefly.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+                await self._connection_lost()
+            raise
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -564,8 +572,9 @@ async def handle_connection(
         raise ValueError(f"io_timeout must be positive, got {io_timeout}")
     try:
         async with trio.open_nursery() as nursery:
+            background = await nursery.start(_host_background, tripwire, connection_id)
             session = Session(
-                milter, stream, tripwire, connection_id, io_timeout, max_data_size, nursery
+                milter, stream, tripwire, connection_id, io_timeout, max_data_size, background
             )
             tripwire.sessions.add(session)
             nursery.start_soon(session.watchdog)
@@ -582,6 +591,26 @@ async def handle_connection(
             finally:
                 tripwire.sessions.discard(session)
                 nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.aclose()
+
+
+async def _host_background(
+    tripwire: Tripwire,
+    connection_id: str,
+    task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Own the nursery handed to handlers as ``ctx.connection_nursery``.
+
+    A background task's exception is a panic: it is caught here, in its own
+    task, so the tripwire is tripped while the connection still runs (its
+    owed replies become TEMPFAIL) instead of the connection being torn down.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()
     except Exception as exc:
         errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
         first = errors[0]
@@ -592,6 +621,3 @@ async def handle_connection(
             exc_info=first,
         )
         tripwire.trip(first)
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.aclose()

@@ -163,18 +163,29 @@ class _Server:
         shutdown: trio.Event | None,
     ) -> None:
         address = self.listener.socket.getsockname()
-        async with trio.open_nursery() as root:
-            self.root = root
-            root.start_soon(self._accept_loop)
-            root.start_soon(self._after_panic)
-            if handle_signals and threading.current_thread() is threading.main_thread():
-                await root.start(self._watch_signals)
-            if shutdown is not None:
-                root.start_soon(self._watch_event, shutdown)
-            log.info(
-                "milter %r serving on %s", self.milter.name, describe_address(address, self.spec)
-            )
-            task_status.started(address)
+        try:
+            async with trio.open_nursery() as root:
+                self.root = root
+                root.start_soon(self._accept_loop)
+                root.start_soon(self._after_panic)
+                if handle_signals and threading.current_thread() is threading.main_thread():
+                    await root.start(self._watch_signals)
+                if shutdown is not None:
+                    root.start_soon(self._watch_event, shutdown)
+                log.info(
+                    "milter %r serving on %s",
+                    self.milter.name,
+                    describe_address(address, self.spec),
+                )
+                task_status.started(address)
+        except BaseExceptionGroup as group:
+            # One failure (an accept error, say) is raised as itself, as documented.
+            _, rest = group.split(trio.Cancelled)
+            if rest is not None and len(rest.exceptions) == 1:
+                only = rest.exceptions[0]
+                if not isinstance(only, BaseExceptionGroup):
+                    raise only from None
+            raise
 
     # --- accepting -------------------------------------------------------------------
 
