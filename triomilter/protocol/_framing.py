@@ -16,24 +16,35 @@ class FrameReader:
     Accepts data in any split. The length of a frame is checked against
     ``max_data_size`` as soon as its 4-byte header is in, before any of its
     data is waited for, so a hostile length never makes us buffer it.
+
+    A read usually holds whole frames (the MTA writes a command and waits):
+    then the received ``bytes`` object is sliced directly, without copying it
+    into a buffer first. Only a frame split across reads is assembled in a
+    ``bytearray``.
     """
 
     __slots__ = ("_buf", "_pos", "max_data_size")
 
     def __init__(self, max_data_size: int = MAX_DATA_SIZE) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self.max_data_size = max_data_size
 
     def feed(self, data: bytes | bytearray) -> None:
         """Append received bytes."""
         buf = self._buf
-        if self._pos:
-            # Drop what was consumed before growing, so the buffer never holds
-            # more than one partial frame plus the new data.
-            del buf[: self._pos]
-            self._pos = 0
-        buf += data
+        pos = self._pos
+        if pos >= len(buf):
+            self._buf = data
+        elif isinstance(buf, bytearray):
+            if pos:
+                del buf[:pos]
+            buf += data
+        else:
+            # A partial frame is left: from now on assemble in a bytearray
+            # (amortised appends, however small the reads).
+            self._buf = bytearray(buf[pos:]) + data
+        self._pos = 0
 
     @property
     def buffered(self) -> int:
@@ -56,11 +67,13 @@ class FrameReader:
             )
         if available < length + 4:
             return None
+        end = pos + 4 + length
         code = buf[pos + 4]
-        data = bytes(buf[pos + 5 : pos + 4 + length])
-        pos += 4 + length
-        if pos == len(buf):
-            buf.clear()
-            pos = 0
-        self._pos = pos
+        data = buf[pos + 5 : end]
+        if end == len(buf):
+            self._buf = b""
+            end = 0
+        self._pos = end
+        if type(data) is not bytes:
+            data = bytes(data)
         return code, data
