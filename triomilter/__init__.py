@@ -7,6 +7,8 @@ choose the argument types (``str`` is UTF-8 text, ``bytes`` the raw bytes) and
 the failure semantics (``Status`` or ``Result[Status]``).
 """
 
+from typing import TYPE_CHECKING
+
 from ._context import Context, ContextApi, SocketFamily, SocketInfo, Stage
 from ._errors import (
     ActionNotNegotiated,
@@ -34,10 +36,12 @@ from ._handlers import (
     on_unknown,
 )
 from ._milter import Milter
-from ._server import serve
-from ._sockets import SocketSpecError
 from ._status import Err, Ok, Result, Status
 from .protocol import Actions, MacroStage, ProtocolOpts
+
+if TYPE_CHECKING:
+    from ._server import serve
+    from ._sockets import SocketSpecError
 
 __version__ = "0.1.0"
 
@@ -79,3 +83,18 @@ __all__ = [
     "on_unknown",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The server needs Trio's sockets and signals; the rest of the package (and
+    # above all the protocol engine, `triomilter.protocol`) must import without
+    # Trio, so the server is loaded on first use.
+    if name == "serve":
+        from ._server import serve
+
+        return serve
+    if name == "SocketSpecError":
+        from ._sockets import SocketSpecError
+
+        return SocketSpecError
+    raise AttributeError(f"module 'triomilter' has no attribute {name!r}")

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import attrs
-import trio
 
 from ._errors import ActionNotNegotiated, InvalidArgument, MacroDecodeError, StageError
 from .protocol import (
@@ -30,6 +29,8 @@ from .protocol import (
 from .protocol import PROGRESS as _PROGRESS
 
 if TYPE_CHECKING:
+    import trio
+
     from ._dispatch import Session
 
 D = TypeVar("D")
