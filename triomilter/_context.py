@@ -194,7 +194,8 @@ class ContextApi:
 
     def macro_bytes(self, name: str | bytes) -> bytes | None:
         """The raw value of macro ``name`` (``"i"`` and ``"{i}"`` are the same), or None."""
-        key = name.encode("ascii") if isinstance(name, str) else name
+        # Names are ASCII; another str is simply no macro's name (not an exception).
+        key = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
         return self._session.conn.macros.get(key)
 
     def macro_value(self, name: str | bytes) -> str | None:

@@ -64,9 +64,9 @@ from .protocol._state import FINAL_REPLIES
 log = logging.getLogger("triomilter")
 
 FLUSH_THRESHOLD = 256 * 1024
+"""Queued end-of-message changes are written early past this many bytes."""
 CLOSE_GRACE = 1.0
 """Seconds on_abort/on_close may take when a shutdown cancels their connection."""
-"""Queued end-of-message changes are written early past this many bytes."""
 
 _STAGE_OF_CODE: dict[int, Stage] = {
     CommandCode.CONNECT: Stage.CONNECT,
@@ -371,6 +371,8 @@ class Session:
             reply = TEMPFAIL
         data = conn.send(reply)
         outbox = self.outbox
+        if outbox and owed == CommandCode.EOM and (status is Status.TEMPFAIL or reply is TEMPFAIL):
+            outbox.clear()  # the message fails (also by an invalid status): changes are moot
         if outbox:
             outbox += data
             data = bytes(outbox)
@@ -508,8 +510,6 @@ class Session:
                 await self._answer(status)
                 return False
         status = await self._run(self._handlers.get(Stage.EOM), Stage.EOM, event)
-        if status is Status.TEMPFAIL and self.outbox:
-            self.outbox.clear()  # the message fails: its changes are moot
         await self._answer(status)
         return False
 
@@ -540,6 +540,7 @@ class Session:
             return
         self.stage = stage
         result = await self._call(handler, ())
+        self.error_reply = None  # no reply follows: a reply set here must not leak to the next
         if isinstance(result, Err):
             self.log(logging.WARNING, "on_%s returned Err(%s)", stage.value, result.error)
 
@@ -611,9 +612,10 @@ async def _host_background(
         async with trio.open_nursery() as nursery:
             task_status.started(nursery)
             await trio.sleep_forever()
-    except Exception as exc:
-        errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
-        first = errors[0]
+    except* Exception as group:
+        # except*: when the connection ends (is cancelled) at the same time, the
+        # group also holds a Cancelled; that part propagates, the panic is caught.
+        first = group.exceptions[0]
         log.critical(
             "[%s] a background task of the connection panicked; the milter shuts down: %r",
             connection_id,

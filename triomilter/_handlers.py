@@ -156,7 +156,8 @@ def _identity(data: bytes) -> bytes:
 
 def _list_converter(annotation: object) -> Callable[[tuple[bytes, ...]], object] | None:
     if typing.get_origin(annotation) is list:
-        (item,) = typing.get_args(annotation) or (None,)
+        items = typing.get_args(annotation)
+        item = items[0] if len(items) == 1 else None  # list[str, bytes] is not a list type
         if item is str:
             return lambda args: [arg.decode("utf-8") for arg in args]
         if item is bytes:

@@ -25,7 +25,11 @@ NO_STEP_OF_STAGE: dict[Stage, ProtocolOpts] = {
 }
 
 
-def _handlers_by_stage(handlers: Iterable[AnyHandler]) -> Mapping[Stage, AnyHandler]:
+def _handlers_by_stage(
+    handlers: Iterable[AnyHandler] | Mapping[Stage, AnyHandler],
+) -> Mapping[Stage, AnyHandler]:
+    if isinstance(handlers, Mapping):  # another Milter's handlers (attrs.evolve)
+        handlers = handlers.values()
     by_stage: dict[Stage, AnyHandler] = {}
     for handler in handlers:
         if not isinstance(handler, Handler):

@@ -76,6 +76,7 @@ class MilterConnection:
 
     __slots__ = (
         "_body_run",
+        "_clear_from",
         "_offer",
         "_pending",
         "_reader",
@@ -93,6 +94,7 @@ class MilterConnection:
         self._silent: frozenset[int] = frozenset()
         self._offer: OptionNegotiation | None = None
         self._body_run = 0
+        self._clear_from = -1
         self.macros = MacroStore()
         self.negotiated: Negotiated | None = None
         self.owed: int | None = None
@@ -129,6 +131,12 @@ class MilterConnection:
             raise LocalProtocolError(
                 f"next_event() while the reply to {command_name(self.owed)} is still owed"
             )
+        if self._clear_from >= 0:
+            # Macros of an ended message or connection are dropped only now, so
+            # that the abort/close handlers could still read them (libmilter
+            # runs those callbacks before it forgets the macros).
+            self.macros.clear_from(self._clear_from)
+            self._clear_from = -1
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -176,9 +184,7 @@ class MilterConnection:
                 self._pending = event
                 return ABORT
             if code == CommandCode.ABORT:
-                self._end_message()
-            elif code == CommandCode.QUIT or code == CommandCode.QUIT_NC:
-                self.macros.clear()
+                self._clear_from = MESSAGE_SLOT
             self._owe(code)
             return event
 
@@ -187,7 +193,7 @@ class MilterConnection:
             self.owed = code
             self._body_run = 0
         elif code == CommandCode.QUIT or code == CommandCode.QUIT_NC:
-            self.macros.clear()
+            self._clear_from = 0
 
     def _end_message(self) -> None:
         self.macros.clear_from(MESSAGE_SLOT)
