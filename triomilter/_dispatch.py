@@ -244,22 +244,25 @@ class Session:
     async def _run(self, handler: AnyHandler | None, stage: Stage, event: object) -> Status:
         """Call ``handler`` for ``event``; return the status to answer with."""
         self.stage = stage
+        # What "no verdict" is here: nothing at all for a NOREPLY stage.
+        silent = self.conn.owed is None
         if handler is None:
-            return Status.NOREPLY if self.conn.owed is None else Status.CONTINUE
+            return Status.NOREPLY if silent else Status.CONTINUE
         if self.tripwire.panic is not None:
-            return Status.TEMPFAIL
+            return Status.NOREPLY if silent else Status.TEMPFAIL
         try:
             args = handler.convert(event)
         except UnicodeDecodeError as exc:
             self.log(
                 logging.WARNING,
-                "%s: argument is not UTF-8 (%s); handler %s not called, answering TEMPFAIL "
+                "%s: argument is not UTF-8 (%s); handler %s not called, %s "
                 "(annotate the parameter as bytes to get raw bytes)",
                 stage.value,
                 exc.reason,
                 handler.__qualname__,
+                "nothing to answer (NOREPLY stage)" if silent else "answering TEMPFAIL",
             )
-            return Status.TEMPFAIL
+            return Status.NOREPLY if silent else Status.TEMPFAIL
         result: object = await self._call(handler, args)
         return self._status_of(handler, result)
 

@@ -52,9 +52,11 @@ from ._results import (
     ReplaceBody,
     StepReply,
 )
+from ._standalone import HandlerContext
 
 __all__ = [
     "ANY",
+    "HandlerContext",
     "DEFAULT_TIMEOUT",
     "POSTFIX_ACTIONS",
     "POSTFIX_OPTS",

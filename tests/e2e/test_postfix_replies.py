@@ -1,0 +1,344 @@
+"""Milter verdicts as the SMTP client sees them through a real Postfix.
+
+One policy milter decides by what the client sends: the HELO name
+``helo-OUTCOME.test.invalid``, the sender ``mail-OUTCOME@...``, a recipient
+``rcpt-OUTCOME@...`` (that recipient only) or the header ``X-Eom: OUTCOME``
+(end of message).  Every stage handler records that it ran, so the tests can
+also tell which stages Postfix skipped after an ACCEPT or DISCARD.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Sequence
+
+import pytest
+
+from triomilter import (
+    Context,
+    Milter,
+    SocketInfo,
+    Status,
+    on_body,
+    on_connect,
+    on_eoh,
+    on_eom,
+    on_header,
+    on_helo,
+    on_mail,
+    on_rcpt,
+)
+
+from ._milter_runner import Recorder, use_milter
+from .capture import CaptureServer
+from .postfix import PrivatePostfix
+
+DEFAULT_REJECT = (550, "5.7.1 Command rejected")
+DEFAULT_TEMPFAIL = (451, "4.7.1 Service unavailable - try again later")
+MULTILINE = ["First line of the refusal,", "second line: 100% sure.", "Third and last line."]
+
+# outcome: (status, custom reply (code, ext, lines) or None, what the client sees)
+OUTCOMES: dict[str, tuple[Status, tuple[str, str, str | list[str]] | None, tuple[int, str]]] = {
+    "reject": (Status.REJECT, None, DEFAULT_REJECT),
+    "tempfail": (Status.TEMPFAIL, None, DEFAULT_TEMPFAIL),
+    "custom": (
+        Status.REJECT,
+        ("554", "5.7.0", "Custom refusal from the milter"),
+        (554, "5.7.0 Custom refusal from the milter"),
+    ),
+    "multiline": (
+        Status.REJECT,
+        ("550", "5.7.2", MULTILINE),
+        (550, "\n".join(f"5.7.2 {line}" for line in MULTILINE)),
+    ),
+    "customtemp": (
+        Status.TEMPFAIL,
+        ("452", "4.3.1", ["Custom temporary failure", "try again in a while"]),
+        (452, "4.3.1 Custom temporary failure\n4.3.1 try again in a while"),
+    ),
+}
+
+
+def _outcome(word: str, stage: str) -> str | None:
+    """``stage-outcome`` -> outcome, else None."""
+    prefix = stage + "-"
+    return word[len(prefix) :] if word.startswith(prefix) else None
+
+
+def _verdict(ctx: Context[object], outcome: str | None) -> Status:
+    if outcome is None:
+        return Status.CONTINUE
+    if outcome == "accept":
+        return Status.ACCEPT
+    if outcome == "discard":
+        return Status.DISCARD
+    status, reply, _ = OUTCOMES[outcome]
+    if reply is not None:
+        ctx.api.set_error_reply(*reply)
+    return status
+
+
+def policy_milter(rec: Recorder, connect: Status = Status.CONTINUE) -> Milter:
+    @on_connect
+    async def on_conn(ctx: Context[object], hostname: str, address: SocketInfo | None) -> Status:
+        rec.add("connect")
+        return connect
+
+    @on_helo
+    async def helo(ctx: Context[object], hostname: str) -> Status:
+        rec.add("helo", hostname)
+        return _verdict(ctx, _outcome(hostname.split(".")[0], "helo"))
+
+    @on_mail
+    async def mail(ctx: Context[object], args: list[str]) -> Status:
+        rec.add("mail", args[0])
+        ctx.data = None
+        return _verdict(ctx, _outcome(args[0].strip("<>").split("@")[0], "mail"))
+
+    @on_rcpt
+    async def rcpt(ctx: Context[object], args: list[str]) -> Status:
+        rec.add("rcpt", args[0])
+        return _verdict(ctx, _outcome(args[0].strip("<>").split("@")[0], "rcpt"))
+
+    @on_header
+    async def header(ctx: Context[object], name: str, value: str) -> Status:
+        rec.add("header", name)
+        if name == "X-Eom":
+            ctx.data = value
+        return Status.CONTINUE
+
+    @on_eoh
+    async def eoh(ctx: Context[object]) -> Status:
+        rec.add("eoh")
+        return Status.CONTINUE
+
+    @on_body
+    async def body(ctx: Context[object], chunk: bytes) -> Status:
+        rec.add("body")
+        return Status.CONTINUE
+
+    @on_eom
+    async def eom(ctx: Context[object]) -> Status:
+        rec.add("eom")
+        return _verdict(ctx, ctx.data if isinstance(ctx.data, str) else None)
+
+    return Milter("policy", handlers=[on_conn, helo, mail, rcpt, header, eoh, body, eom])
+
+
+def _message(eom: str | None = None) -> bytes:
+    extra = f"X-Eom: {eom}\r\n".encode() if eom else b""
+    return b"Subject: replies\r\n" + extra + b"\r\nbody\r\n"
+
+
+def _reply(reply: tuple[int, bytes]) -> tuple[int, str]:
+    code, text = reply
+    return code, text.decode()
+
+
+def _send(
+    s: smtplib.SMTP, sender: str, rcpts: Sequence[str], data: bytes
+) -> tuple[tuple[int, str], list[tuple[int, str]], tuple[int, str] | None]:
+    """MAIL, each RCPT, then DATA if a recipient was accepted: the replies."""
+    mail = _reply(s.mail(sender))
+    if mail[0] != 250:
+        s.rset()
+        return mail, [], None
+    rcpt_replies = [_reply(s.rcpt(rcpt)) for rcpt in rcpts]
+    if not any(code == 250 for code, _ in rcpt_replies):
+        s.rset()
+        return mail, rcpt_replies, None
+    return mail, rcpt_replies, _reply(s.data(data))
+
+
+OK_MAIL = (250, "2.1.0 Ok")
+OK_RCPT = (250, "2.1.5 Ok")
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+def test_helo_verdict_is_reported_at_mail(
+    postfix: PrivatePostfix, capture: CaptureServer, outcome: str
+) -> None:
+    rec = Recorder()
+    expected = OUTCOMES[outcome][2]
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        code, _ = s.ehlo(f"helo-{outcome}.test.invalid")
+        assert code == 250  # Postfix keeps the verdict for the next command
+        assert _send(s, "a@example.test", ["r@example.test"], _message()) == (expected, [], None)
+        # It holds for the whole session, and the milter is not asked again.
+        assert _reply(s.mail("b@example.test")) == expected
+    assert rec.stages() == ["connect", "helo"]
+    assert capture.wait_quiet(0.2) == []
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+def test_mail_verdict(postfix: PrivatePostfix, capture: CaptureServer, outcome: str) -> None:
+    rec = Recorder()
+    expected = OUTCOMES[outcome][2]
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        s.ehlo()
+        sent = _send(s, f"mail-{outcome}@example.test", ["r@example.test"], _message())
+        assert sent == (expected, [], None)
+        # The verdict was for that message only: the next one goes through.
+        assert _send(s, "fine@example.test", ["r@example.test"], _message())[0] == OK_MAIL
+    (msg,) = capture.wait_for(1)
+    assert msg.mail_from == "fine@example.test"
+    assert rec.values("mail") == [f"<mail-{outcome}@example.test>", "<fine@example.test>"]
+    assert capture.wait_quiet(0.2) == [msg]
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+def test_rcpt_verdict_refuses_one_recipient(
+    postfix: PrivatePostfix, capture: CaptureServer, outcome: str
+) -> None:
+    rec = Recorder()
+    expected = OUTCOMES[outcome][2]
+    rcpts = ["first@example.test", f"rcpt-{outcome}@example.test", "last@example.test"]
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        s.ehlo()
+        mail, rcpt_replies, data = _send(s, "a@example.test", rcpts, _message())
+    assert mail == OK_MAIL
+    assert rcpt_replies == [OK_RCPT, expected, OK_RCPT]
+    assert data is not None and data[0] == 250
+    (msg,) = capture.wait_for(1)
+    assert sorted(msg.rcpt_tos) == ["first@example.test", "last@example.test"]
+    assert rec.values("rcpt") == [f"<{r}>" for r in rcpts]
+    assert "eom" in rec.stages()
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+def test_eom_verdict(postfix: PrivatePostfix, capture: CaptureServer, outcome: str) -> None:
+    rec = Recorder()
+    expected = OUTCOMES[outcome][2]
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        s.ehlo()
+        sent = _send(s, "a@example.test", ["r@example.test"], _message(outcome))
+        assert sent == (OK_MAIL, [OK_RCPT], expected)
+        assert _send(s, "b@example.test", ["r@example.test"], _message())[2] is not None
+    (msg,) = capture.wait_for(1)
+    assert msg.mail_from == "b@example.test"
+    assert rec.stages().count("eom") == 2
+    assert capture.wait_quiet(0.2) == [msg]
+
+
+def test_all_recipients_refused(postfix: PrivatePostfix, capture: CaptureServer) -> None:
+    rec = Recorder()
+    rcpts = ["rcpt-reject@example.test", "rcpt-multiline@example.test"]
+    with (
+        use_milter(postfix, policy_milter(rec)),
+        postfix.smtp() as s,
+        pytest.raises(smtplib.SMTPRecipientsRefused) as refused,
+    ):
+        s.sendmail("a@example.test", rcpts, _message())
+    assert {rcpt: _reply(reply) for rcpt, reply in refused.value.recipients.items()} == {
+        rcpts[0]: DEFAULT_REJECT,
+        rcpts[1]: OUTCOMES["multiline"][2],
+    }
+    assert "header" not in rec.stages()
+    assert capture.wait_quiet(0.2) == []
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt", "eom"])
+def test_discard_answers_250_and_delivers_nothing(
+    postfix: PrivatePostfix, capture: CaptureServer, stage: str
+) -> None:
+    rec = Recorder()
+    sender, rcpts, eom = "a@example.test", ["r1@example.test", "r2@example.test"], None
+    if stage == "mail":
+        sender = "mail-discard@example.test"
+    elif stage == "rcpt":
+        rcpts = ["r1@example.test", "rcpt-discard@example.test", "r2@example.test"]
+    else:
+        eom = "discard"
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        s.ehlo()
+        mail, rcpt_replies, data = _send(s, sender, rcpts, _message(eom))
+        assert mail == OK_MAIL
+        assert rcpt_replies == [OK_RCPT] * len(rcpts)
+        assert data is not None and data[0] == 250
+        # The next message of the session is filtered and delivered as usual.
+        assert _send(s, "next@example.test", ["r@example.test"], _message())[2] is not None
+    postfix.wait_for_log(r"milter-discard: .*milter triggers DISCARD action")
+    (msg,) = capture.wait_for(1)
+    assert msg.mail_from == "next@example.test"
+    postfix.wait_queue_empty()
+    assert capture.wait_quiet(0.2) == [msg]
+    # After a discard at MAIL or RCPT, Postfix asks the milter nothing more
+    # about that message.
+    stages = rec.stages()
+    first = stages[: stages.index("mail", stages.index("mail") + 1)]
+    if stage != "eom":
+        assert "header" not in first and "eom" not in first
+        assert first.count("rcpt") == (0 if stage == "mail" else 2)
+
+
+def test_accept_at_mail_skips_the_rest_of_the_message(
+    postfix: PrivatePostfix, capture: CaptureServer
+) -> None:
+    rec = Recorder()
+    rcpts = ["rcpt-reject@example.test", "r@example.test"]
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        # rcpt-reject@ would be refused, X-Eom: reject too: neither is asked.
+        s.sendmail("mail-accept@example.test", rcpts, _message("reject"))
+        s.sendmail("a@example.test", ["r@example.test"], _message())
+    msgs = capture.wait_for(2)
+    assert sorted(m.mail_from for m in msgs) == ["a@example.test", "mail-accept@example.test"]
+    accepted = next(m for m in msgs if m.mail_from == "mail-accept@example.test")
+    assert sorted(accepted.rcpt_tos) == sorted(rcpts)
+    stages = rec.stages()
+    second = stages.index("mail", stages.index("mail") + 1)
+    assert stages[:second] == ["connect", "helo", "mail"]
+    assert stages[second:] == ["mail", "rcpt", "header", "eoh", "body", "eom"]
+
+
+def test_accept_at_rcpt_accepts_the_message(
+    postfix: PrivatePostfix, capture: CaptureServer
+) -> None:
+    rec = Recorder()
+    rcpts = ["rcpt-accept@example.test", "rcpt-reject@example.test"]
+    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
+        s.sendmail("a@example.test", rcpts, _message("reject"))
+    (msg,) = capture.wait_for(1)
+    assert sorted(msg.rcpt_tos) == sorted(rcpts)
+    assert rec.stages() == ["connect", "helo", "mail", "rcpt"]
+
+
+def test_accept_at_connect_leaves_the_session_alone(
+    postfix: PrivatePostfix, capture: CaptureServer
+) -> None:
+    rec = Recorder()
+    with (
+        use_milter(postfix, policy_milter(rec, connect=Status.ACCEPT)),
+        postfix.smtp() as s,
+    ):
+        s.ehlo("helo-reject.test.invalid")
+        s.sendmail("mail-reject@example.test", ["rcpt-reject@example.test"], _message("reject"))
+        s.sendmail("a@example.test", ["r@example.test"], _message("tempfail"))
+    assert len(capture.wait_for(2)) == 2
+    assert rec.stages() == ["connect"]
+
+
+@pytest.mark.parametrize("status", [Status.REJECT, Status.TEMPFAIL])
+def test_connect_verdict_holds_for_the_session(
+    postfix: PrivatePostfix, capture: CaptureServer, status: Status
+) -> None:
+    """A 5xx at connect turns Postfix's banner into 554 "not accepting
+    connections"; with 4xx the banner is normal.  Either way every MAIL of
+    the session gets the verdict and the milter is not asked again."""
+    rec = Recorder()
+    expected = DEFAULT_REJECT if status is Status.REJECT else DEFAULT_TEMPFAIL
+    banner = (554, "mta.test.invalid ESMTP not accepting connections")
+    if status is Status.TEMPFAIL:
+        banner = (220, "mta.test.invalid ESMTP")
+    with use_milter(postfix, policy_milter(rec, connect=status)):
+        s = smtplib.SMTP(local_hostname="client.test.invalid", timeout=30)
+        try:
+            assert _reply(s.connect("127.0.0.1", postfix.smtp_port)) == banner
+            assert s.ehlo()[0] == 250
+            assert _reply(s.mail("a@example.test")) == expected
+            s.rset()
+            assert _reply(s.mail("b@example.test")) == expected
+            s.quit()
+        finally:
+            s.close()
+    assert rec.stages() == ["connect"]
+    assert capture.wait_quiet(0.2) == []
