@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from triomilter import (
-    Actions,
     ActionNotNegotiated,
+    Actions,
     Context,
     MacroStage,
     Stage,
