@@ -68,6 +68,7 @@ FLUSH_THRESHOLD = 256 * 1024
 CLOSE_GRACE = 1.0
 """Seconds on_abort/on_close may take when a shutdown cancels their connection."""
 
+_MAIL = int(CommandCode.MAIL)
 _STAGE_OF_CODE: dict[int, Stage] = {
     CommandCode.CONNECT: Stage.CONNECT,
     CommandCode.HELO: Stage.HELO,
@@ -229,7 +230,7 @@ class Session:
             stage = _STAGE_OF_CODE.get(code)
             if stage is not None:
                 self.open = True
-                if code == CommandCode.MAIL and self.tripwire.draining:
+                if code == _MAIL and self.tripwire.draining:
                     self.log(logging.INFO, "shutting down: new message answered TEMPFAIL")
                     await self._answer(Status.TEMPFAIL)
                     continue

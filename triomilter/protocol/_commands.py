@@ -315,7 +315,12 @@ def _decode_data(payload: bytes) -> Data:
 
 
 def _decode_header(payload: bytes) -> Header:
-    name, value = exact_strings(payload, 2, "HEADER ('L')")
+    # Inline fast path: Postfix sends one per header line of every message.
+    if payload[-1:] == b"\0":
+        parts = payload[:-1].split(b"\0")
+        if len(parts) == 2:
+            return Header(parts[0], parts[1])
+    name, value = exact_strings(payload, 2, "HEADER ('L')")  # raises with the reason
     return Header(name, value)
 
 

@@ -55,8 +55,14 @@ _SCOPING = {
     for code, slot in SLOT_OF_CODE.items()
     if code in (CommandCode.CONNECT, CommandCode.HELO, CommandCode.MAIL, CommandCode.RCPT)
 }
-_MACRO = CommandCode.MACRO
-_EOM = CommandCode.EOM
+_MACRO = int(CommandCode.MACRO)
+_CONTINUE = int(ReplyCode.CONTINUE)
+_EOM = int(CommandCode.EOM)
+_ABORT = int(CommandCode.ABORT)
+_QUIT = int(CommandCode.QUIT)
+_QUIT_NC = int(CommandCode.QUIT_NC)
+_OPTNEG = int(CommandCode.OPTNEG)
+_REPLYING = frozenset(int(code) for code in REPLYING_COMMANDS if code != CommandCode.OPTNEG)
 
 
 class MilterConnection:
@@ -144,6 +150,7 @@ class MilterConnection:
             return pending
         reader = self._reader
         session = self._session
+        macros = self.macros
         while True:
             frame = reader.next_frame()
             if frame is None:
@@ -152,7 +159,7 @@ class MilterConnection:
             if code == _MACRO:
                 if session.state is State.NEGOTIATE or session.state is State.CLOSED:
                     raise self._unexpected(code)
-                self.macros.define(payload)
+                macros.define(payload)
                 continue
             decoder = COMMAND_DECODERS.get(code)
             if decoder is None:
@@ -160,32 +167,48 @@ class MilterConnection:
                     f"{command_name(code)} is not a milter command ({session.state.value})"
                 )
             before = session.state
-            flags = session.command(code)
-            if flags is None:
-                raise self._unexpected(code, before)
+            # The main flow inline (the table); the rest through SessionState.command.
+            nxt = session.table[before].get(code)
+            if nxt is not None:
+                session.state = nxt
+                flags = 0
+            else:
+                flags = session.command(code)  # type: ignore[assignment]
+                if flags is None:
+                    raise self._unexpected(code, before)
             try:
                 event = decoder(payload)
             except (IndexError, ValueError) as exc:  # belt and braces: never leak these
                 raise RemoteProtocolError(f"{command_name(code)}: malformed ({exc})") from exc
-            if flags & IGNORED:
-                continue
+            if flags:
+                if flags & IGNORED:
+                    continue
+                if flags & ABORTS:
+                    # An open message ends first: deliver an abort, then the
+                    # command itself (libmilter's order for an unexpected MAIL,
+                    # HELO, QUIT). The message's macros are already gone for
+                    # MAIL and HELO (the scoping below clears the later stages
+                    # while keeping the D M that came with this MAIL); QUIT and
+                    # K clear all once delivered.
+                    scope = _SCOPING.get(code)
+                    if scope is not None:
+                        macros.clear_after(scope)
+                    self._pending = event
+                    return ABORT
             scope = _SCOPING.get(code)
             if scope is not None:
-                self.macros.clear_after(scope)
-            if code == CommandCode.OPTNEG:
+                macros.clear_after(scope)
+            if code in _REPLYING and code not in self._silent:
+                self.owed = code
+                self._body_run = 0
+            elif code == _ABORT:
+                self._clear_from = MESSAGE_SLOT
+            elif code == _QUIT or code == _QUIT_NC:
+                self._clear_from = 0
+            elif code == _OPTNEG:
                 assert isinstance(event, OptionNegotiation)
                 self._offer = event
-            if flags & ABORTS:
-                # An open message ends first: deliver an abort, then the command
-                # itself (libmilter's order for an unexpected MAIL, HELO, QUIT).
-                # The message's macros are already gone for MAIL and HELO (the
-                # scoping above cleared the later stages while keeping the D M
-                # that came with this MAIL); QUIT and K clear all on delivery.
-                self._pending = event
-                return ABORT
-            if code == CommandCode.ABORT:
-                self._clear_from = MESSAGE_SLOT
-            self._owe(code)
+                self.owed = code
             return event
 
     def _owe(self, code: int) -> None:
@@ -211,6 +234,11 @@ class MilterConnection:
         """Validate ``reply`` against the owed command and return its bytes."""
         owed = self.owed
         code = reply.code
+        if code == _CONTINUE and owed is not None and owed != _EOM and owed != _OPTNEG:
+            # The common case (every stage of every message): valid everywhere
+            # but negotiation, changes no state, its bytes are precomputed.
+            self.owed = None
+            return reply.encode()
         if owed is None:
             raise LocalProtocolError(f"{reply_name(code)}: no reply is owed now")
         # Encode before any state changes: a reply that cannot be encoded (a NUL
