@@ -203,7 +203,7 @@ class MilterConnection:
                 self._body_run = 0
             elif code == _ABORT:
                 self._clear_from = MESSAGE_SLOT
-            elif code == _QUIT or code == _QUIT_NC:
+            elif code in (_QUIT, _QUIT_NC):
                 self._clear_from = 0
             elif code == _OPTNEG:
                 assert isinstance(event, OptionNegotiation)
