@@ -21,8 +21,6 @@ from .protocol import (
     DeleteRecipient,
     InsertHeader,
     MacroStage,
-    Modification,
-    Progress,
     Quarantine,
     ReplaceBody,
 )
@@ -239,67 +237,68 @@ class ContextApi:
 
     async def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """Append a header to the message."""
-        await self._modify(Actions.ADD_HEADER, AddHeader(_header_name(name), _header_value(value)))
+        self._session.check_action(Actions.ADD_HEADER, "add_header")
+        await self._session.queue(AddHeader(_header_name(name), _header_value(value)))
 
     async def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
         """Insert a header at position ``index`` (0 = first)."""
-        reply = InsertHeader(
-            _index(index, "header index", 0), _header_name(name), _header_value(value)
-        )
-        await self._modify(Actions.ADD_HEADER, reply)
+        self._session.check_action(Actions.ADD_HEADER, "insert_header")
+        index = _index(index, "header index", 0)
+        await self._session.queue(InsertHeader(index, _header_name(name), _header_value(value)))
 
     async def replace_header(
         self, name: str | bytes, index: int, value: str | bytes | None
     ) -> None:
         """Replace the ``index``-th (1-based) header ``name``; ``None`` deletes it."""
+        self._session.check_action(Actions.REPLACE_HEADER, "replace_header")
         data = b"" if value is None else _header_value(value)
         if value is not None and not data:
             raise InvalidArgument("an empty value would delete the header: pass None for that")
-        reply = ChangeHeader(_index(index, "header index", 1), _header_name(name), data)
-        await self._modify(Actions.REPLACE_HEADER, reply)
+        index = _index(index, "header index", 1)
+        await self._session.queue(ChangeHeader(index, _header_name(name), data))
 
     async def add_recipient(self, rcpt: str | bytes, esmtp_args: str | bytes | None = None) -> None:
         """Add an envelope recipient; ESMTP args need ``ADD_RECIPIENT_EXT``."""
-        address = _plain(rcpt, "recipient")
         if esmtp_args is None:
-            await self._modify(Actions.ADD_RECIPIENT, AddRecipient(address))
+            self._session.check_action(Actions.ADD_RECIPIENT, "add_recipient")
+            await self._session.queue(AddRecipient(_plain(rcpt, "recipient")))
         else:
+            self._session.check_action(Actions.ADD_RECIPIENT_EXT, "add_recipient")
             args = _plain(esmtp_args, "ESMTP arguments")
-            await self._modify(Actions.ADD_RECIPIENT_EXT, AddRecipientExt(address, args))
+            await self._session.queue(AddRecipientExt(_plain(rcpt, "recipient"), args))
 
     async def remove_recipient(self, rcpt: str | bytes) -> None:
         """Remove an envelope recipient (as the client gave it, e.g. ``<a@b>``)."""
-        await self._modify(Actions.REMOVE_RECIPIENT, DeleteRecipient(_plain(rcpt, "recipient")))
+        self._session.check_action(Actions.REMOVE_RECIPIENT, "remove_recipient")
+        await self._session.queue(DeleteRecipient(_plain(rcpt, "recipient")))
 
     async def replace_sender(
         self, sender: str | bytes, esmtp_args: str | bytes | None = None
     ) -> None:
         """Replace the envelope sender."""
+        self._session.check_action(Actions.REPLACE_SENDER, "replace_sender")
         args = None if esmtp_args is None else _plain(esmtp_args, "ESMTP arguments")
-        await self._modify(Actions.REPLACE_SENDER, ChangeSender(_plain(sender, "sender"), args))
+        await self._session.queue(ChangeSender(_plain(sender, "sender"), args))
 
     async def append_body_chunk(self, data: str | bytes) -> None:
         """Append ``data`` to the replacement body (calls build it up in order).
 
         Sent in packets of at most 65535 bytes.
         """
-        body = _to_bytes(data, "body chunk")
         self._session.check_action(Actions.REPLACE_BODY, "append_body_chunk")
+        body = _to_bytes(data, "body chunk")
         for start in range(0, len(body), CHUNK_SIZE):
             await self._session.queue(ReplaceBody(body[start : start + CHUNK_SIZE]))
 
     async def quarantine(self, reason: str | bytes) -> None:
         """Put the message in the MTA's hold (quarantine) queue."""
-        await self._modify(Actions.QUARANTINE, Quarantine(_plain(reason, "quarantine reason")))
+        self._session.check_action(Actions.QUARANTINE, "quarantine")
+        await self._session.queue(Quarantine(_plain(reason, "quarantine reason")))
 
     async def signal_progress(self) -> None:
         """Tell the MTA we are still working (resets its timeout); sent at once."""
         self._session.require_stage(Stage.EOM, "signal_progress")
         await self._session.queue(_PROGRESS, flush=True)
-
-    async def _modify(self, action: Actions, reply: Modification | Progress) -> None:
-        self._session.check_action(action, type(reply).__name__)
-        await self._session.queue(reply)
 
 
 class Context(Generic[D]):

@@ -459,6 +459,7 @@ class Session:
             raise _Closed from None
         self.actions = negotiated.actions
         self.faked_noreply = negotiated.faked_noreply
+        self.error_reply = None  # no reply is built from negotiation: nothing may leak
         self.open = True
         await self._send(self.conn.accept_negotiation(negotiated))
         self.log(

@@ -1,4 +1,4 @@
-"""The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC`` (SPEC §2.4).
+"""The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC``.
 
 MODULE is an importable module name or a path to a ``.py`` file. ATTR names a
 `Milter` object in it; without ATTR the module's ``milter`` attribute (or its
@@ -134,9 +134,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), None) if "log_level" in args else None
+    level = logging.INFO
+    if "log_level" in args:
+        named = logging.getLevelName(str(args.log_level).upper())
+        if not isinstance(named, int):
+            print(f"triomilter: unknown log level {args.log_level!r}", file=sys.stderr)
+            return EXIT_USAGE
+        level = named
     logging.basicConfig(
-        level=level if isinstance(level, int) else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     try:
@@ -224,7 +230,10 @@ def _run_workers(args: argparse.Namespace, family: str, host: str, port: int) ->
     ]
     if args.backlog is not None:
         argv += ["--backlog", str(args.backlog)]
-    workers = [subprocess.Popen(argv) for _ in range(args.workers)]
+    # Each worker in its own session: a terminal's Ctrl-C (sent to the whole
+    # foreground group) reaches only us, and we forward it once; a worker
+    # signalled twice would stop at once instead of draining.
+    workers = [subprocess.Popen(argv, start_new_session=True) for _ in range(args.workers)]
     log.info(
         "serving on %s with %d workers (pids %s)",
         spec,
