@@ -214,7 +214,7 @@ class ContextApi:
         Only in ``on_negotiate``; once per stage (a second call replaces the
         list). Postfix ignores an empty list.
         """
-        self._session.require_stage(Stage.NEGOTIATE, "request_macros")
+        self._require_stage(Stage.NEGOTIATE, "request_macros")
         if not isinstance(stage, MacroStage):
             raise InvalidArgument(f"stage must be a MacroStage, not {stage!r}")
         data = _plain(names, "macro names", empty=True)
@@ -235,14 +235,31 @@ class ContextApi:
 
     # --- end-of-message actions --------------------------------------------------
 
+    def _require_stage(self, stage: Stage, what: str) -> None:
+        current = self._session.stage
+        if current is not stage:
+            raise StageError(
+                f"{what}() is allowed in on_{stage.value} only, not in on_{current.value}"
+            )
+
+    def _check_action(self, action: Actions, what: str) -> None:
+        self._require_stage(Stage.EOM, what)
+        if self._session.panicked:
+            raise StageError("the milter is shutting down after a panic")
+        if not self._session.actions & action:
+            raise ActionNotNegotiated(
+                f"{what} needs the {action.name} action; add it to Milter(actions=...) "
+                "or request it in on_negotiate (the MTA must offer it)"
+            )
+
     async def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """Append a header to the message."""
-        self._session.check_action(Actions.ADD_HEADER, "add_header")
+        self._check_action(Actions.ADD_HEADER, "add_header")
         await self._session.queue(AddHeader(_header_name(name), _header_value(value)))
 
     async def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
         """Insert a header at position ``index`` (0 = first)."""
-        self._session.check_action(Actions.ADD_HEADER, "insert_header")
+        self._check_action(Actions.ADD_HEADER, "insert_header")
         index = _index(index, "header index", 0)
         await self._session.queue(InsertHeader(index, _header_name(name), _header_value(value)))
 
@@ -250,7 +267,7 @@ class ContextApi:
         self, name: str | bytes, index: int, value: str | bytes | None
     ) -> None:
         """Replace the ``index``-th (1-based) header ``name``; ``None`` deletes it."""
-        self._session.check_action(Actions.REPLACE_HEADER, "replace_header")
+        self._check_action(Actions.REPLACE_HEADER, "replace_header")
         data = b"" if value is None else _header_value(value)
         if value is not None and not data:
             raise InvalidArgument("an empty value would delete the header: pass None for that")
@@ -260,23 +277,23 @@ class ContextApi:
     async def add_recipient(self, rcpt: str | bytes, esmtp_args: str | bytes | None = None) -> None:
         """Add an envelope recipient; ESMTP args need ``ADD_RECIPIENT_EXT``."""
         if esmtp_args is None:
-            self._session.check_action(Actions.ADD_RECIPIENT, "add_recipient")
+            self._check_action(Actions.ADD_RECIPIENT, "add_recipient")
             await self._session.queue(AddRecipient(_plain(rcpt, "recipient")))
         else:
-            self._session.check_action(Actions.ADD_RECIPIENT_EXT, "add_recipient")
+            self._check_action(Actions.ADD_RECIPIENT_EXT, "add_recipient")
             args = _plain(esmtp_args, "ESMTP arguments")
             await self._session.queue(AddRecipientExt(_plain(rcpt, "recipient"), args))
 
     async def remove_recipient(self, rcpt: str | bytes) -> None:
         """Remove an envelope recipient (as the client gave it, e.g. ``<a@b>``)."""
-        self._session.check_action(Actions.REMOVE_RECIPIENT, "remove_recipient")
+        self._check_action(Actions.REMOVE_RECIPIENT, "remove_recipient")
         await self._session.queue(DeleteRecipient(_plain(rcpt, "recipient")))
 
     async def replace_sender(
         self, sender: str | bytes, esmtp_args: str | bytes | None = None
     ) -> None:
         """Replace the envelope sender."""
-        self._session.check_action(Actions.REPLACE_SENDER, "replace_sender")
+        self._check_action(Actions.REPLACE_SENDER, "replace_sender")
         args = None if esmtp_args is None else _plain(esmtp_args, "ESMTP arguments")
         await self._session.queue(ChangeSender(_plain(sender, "sender"), args))
 
@@ -285,19 +302,19 @@ class ContextApi:
 
         Sent in packets of at most 65535 bytes.
         """
-        self._session.check_action(Actions.REPLACE_BODY, "append_body_chunk")
+        self._check_action(Actions.REPLACE_BODY, "append_body_chunk")
         body = _to_bytes(data, "body chunk")
         for start in range(0, len(body), CHUNK_SIZE):
             await self._session.queue(ReplaceBody(body[start : start + CHUNK_SIZE]))
 
     async def quarantine(self, reason: str | bytes) -> None:
         """Put the message in the MTA's hold (quarantine) queue."""
-        self._session.check_action(Actions.QUARANTINE, "quarantine")
+        self._check_action(Actions.QUARANTINE, "quarantine")
         await self._session.queue(Quarantine(_plain(reason, "quarantine reason")))
 
     async def signal_progress(self) -> None:
         """Tell the MTA we are still working (resets its timeout); sent at once."""
-        self._session.require_stage(Stage.EOM, "signal_progress")
+        self._require_stage(Stage.EOM, "signal_progress")
         await self._session.queue(_PROGRESS, flush=True)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from ._context import Context, Stage
-from ._errors import ActionNotNegotiated, ConnectionLost, MilterError, StageError
+from ._errors import ConnectionLost, MilterError, StageError
 from ._handlers import AnyHandler, Returns
 from ._milter import Milter
 from ._status import Err, Ok, Status
@@ -421,21 +421,10 @@ class Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ConnectionLost(f"the MTA connection is gone: {exc}") from exc
 
-    def require_stage(self, stage: Stage, what: str) -> None:
-        if self.stage is not stage:
-            raise StageError(
-                f"{what}() is allowed in on_{stage.value} only, not in on_{self.stage.value}"
-            )
-
-    def check_action(self, action: Actions, what: str) -> None:
-        self.require_stage(Stage.EOM, what)
-        if self.tripwire.panic is not None:
-            raise StageError("the milter is shutting down after a panic")
-        if not self.actions & action:
-            raise ActionNotNegotiated(
-                f"{what} needs the {action.name} action; add it to Milter(actions=...) "
-                "or request it in on_negotiate (the MTA must offer it)"
-            )
+    @property
+    def panicked(self) -> bool:
+        """Whether a handler panicked anywhere: then no change may be sent."""
+        return self.tripwire.panic is not None
 
     # --- special commands --------------------------------------------------------------
 

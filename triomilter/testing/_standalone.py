@@ -22,7 +22,6 @@ import trio
 
 from .. import protocol
 from .._context import Context, Stage
-from .._errors import ActionNotNegotiated, StageError
 from ..protocol import Actions, CommandCode, MacroStage, MacroStore
 from ..protocol._constants import ALL_ACTIONS
 from ._results import Modification, modifications_of
@@ -58,6 +57,7 @@ class _Recorder:
         self.requested_macros: dict[MacroStage, bytes] = {}
         self.sent: list[protocol.Modification] = []
         self.progress = 0
+        self.panicked = False
         self.conn = _Conn()
         for stage_, values in macros.items():
             payload = bytes((_SLOT_CODE[stage_],))
@@ -65,17 +65,6 @@ class _Recorder:
                 raw = value.encode() if isinstance(value, str) else value
                 payload += name.encode() + b"\0" + raw + b"\0"
             self.conn.macros.define(payload)
-
-    def require_stage(self, stage: Stage, what: str) -> None:
-        if self.stage is not stage:
-            raise StageError(
-                f"{what}() is allowed in on_{stage.value} only, not in on_{self.stage.value}"
-            )
-
-    def check_action(self, action: Actions, what: str) -> None:
-        self.require_stage(Stage.EOM, what)
-        if not self.actions & action:
-            raise ActionNotNegotiated(f"{what} needs the {action.name} action")
 
     async def queue(self, reply: Any, flush: bool = False) -> None:
         await trio.lowlevel.checkpoint()
