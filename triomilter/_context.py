@@ -27,9 +27,7 @@ from .protocol import (
 from .protocol import PROGRESS as _PROGRESS
 
 if TYPE_CHECKING:
-    import trio
-
-    from ._dispatch import Session
+    from ._dispatch import ConnectionTasks, Session
 
 D = TypeVar("D")
 
@@ -333,16 +331,17 @@ class Context(Generic[D]):
         self._session = session
 
     @property
-    def connection_nursery(self) -> trio.Nursery:
-        """A nursery tied to this MTA connection, for background work.
+    def connection_nursery(self) -> ConnectionTasks:
+        """Start background work tied to this MTA connection (nursery-style).
 
         Start a lookup at connect and await its result at end of message;
-        whatever is still running when the connection ends is cancelled.
+        whatever is still running when the connection ends is cancelled. An
+        exception escaping a task is a panic, as if a handler had raised it.
         """
-        nursery = self._session.nursery
-        if nursery is None:
-            raise StageError("the connection nursery is not available outside a connection")
-        return nursery
+        tasks = self._session.tasks
+        if tasks is None:
+            raise StageError("background tasks are not available outside a connection")
+        return tasks
 
     @property
     def connection_id(self) -> str:

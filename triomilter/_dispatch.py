@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from typing_extensions import TypeVarTuple, Unpack
 
 from ._context import Context, Stage
 from ._errors import ConnectionLost, MilterError, StageError
@@ -62,6 +63,7 @@ from .protocol import (
 from .protocol._state import FINAL_REPLIES
 
 log = logging.getLogger("triomilter")
+Ts = TypeVarTuple("Ts")
 
 FLUSH_THRESHOLD = 256 * 1024
 """Queued end-of-message changes are written early past this many bytes."""
@@ -97,7 +99,7 @@ class Tripwire:
     new messages are then answered TEMPFAIL.
     """
 
-    __slots__ = ("_on_panic", "busy", "draining", "panic", "sessions")
+    __slots__ = ("_on_panic", "busy", "draining", "panic", "sessions", "watched")
 
     def __init__(self, on_panic: Callable[[BaseException], None] | None = None) -> None:
         self.panic: BaseException | None = None
@@ -105,6 +107,8 @@ class Tripwire:
         self.busy = 0
         """How many handler calls are running (the panic grace waits for them)."""
         self.sessions: set[Session] = set()
+        self.watched = False
+        """Whether a server checks every session's I/O timeout (else each its own)."""
         self._on_panic = on_panic
 
     @property
@@ -117,6 +121,56 @@ class Tripwire:
             self.panic = exc
             if self._on_panic is not None:
                 self._on_panic(exc)
+
+
+class ConnectionTasks:
+    """Background tasks of one MTA connection: ``start_soon`` and ``start`` like a nursery.
+
+    Tasks run until they return or the connection ends (then they are
+    cancelled). An exception escaping a task is a panic of the milter, caught
+    in the task itself: the connection keeps answering (TEMPFAIL) while the
+    server shuts down, exactly as for a handler's exception.
+    """
+
+    __slots__ = ("_nursery", "_on_panic")
+
+    def __init__(self, nursery: trio.Nursery, on_panic: Callable[[BaseException], None]) -> None:
+        self._nursery = nursery
+        self._on_panic = on_panic
+
+    def start_soon(
+        self,
+        async_fn: Callable[[Unpack[Ts]], Awaitable[object]],
+        *args: *Ts,
+        name: object = None,
+    ) -> None:
+        """Start ``async_fn(*args)`` in the background."""
+        self._nursery.start_soon(self._guard, async_fn, args, name=name or async_fn)
+
+    async def start(
+        self, async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
+    ) -> object:
+        """Start ``async_fn(*args, task_status=...)`` and wait for its ``started()`` value."""
+        return await self._nursery.start(self._guard_start, async_fn, args, name=name or async_fn)
+
+    async def _guard(
+        self, async_fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+    ) -> None:
+        try:
+            await async_fn(*args)
+        except Exception as exc:
+            self._on_panic(exc)
+
+    async def _guard_start(
+        self,
+        async_fn: Callable[..., Awaitable[object]],
+        args: tuple[object, ...],
+        task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await async_fn(*args, task_status=task_status)
+        except Exception as exc:
+            self._on_panic(exc)
 
 
 class _Closed(Exception):
@@ -141,10 +195,12 @@ class Session:
         self.tripwire = tripwire
         self.connection_id = connection_id
         self.io_timeout = io_timeout
-        self.nursery = nursery
+        self.tasks = ConnectionTasks(nursery, self._task_panicked) if nursery is not None else None
         self.conn = MilterConnection(max_data_size)
         self.transport = transport_for(stream)
         self._io_scope = trio.CancelScope()
+        self._io_last = -1
+        self._io_stalled = 0.0
         self.ctx: Context[Any] = Context(self)
         self.stage = Stage.NEGOTIATE
         self.error_reply: bytes | None = None
@@ -295,6 +351,15 @@ class Session:
         )
         self.tripwire.trip(exc)
 
+    def _task_panicked(self, exc: BaseException) -> None:
+        self.log(
+            logging.CRITICAL,
+            "a background task panicked; the milter shuts down: %r",
+            exc,
+            exc_info=exc,
+        )
+        self.tripwire.trip(exc)
+
     def _status_of(self, handler: AnyHandler, result: object) -> Status:
         if type(result) is Status:
             return result
@@ -386,26 +451,33 @@ class Session:
     async def _send(self, data: bytes) -> None:
         await self.transport.send(data)
 
-    async def watchdog(self) -> None:
-        """The I/O timeout: end the connection when a read or write stalls too long.
+    def io_stalled(self, period: float) -> bool:
+        """Count ``period`` seconds against the I/O timeout; True once it ran out.
 
-        Checks four times per timeout instead of arming a cancel scope per
-        operation (measured: that doubled the cost of a round trip).
+        Called every quarter of the timeout (by `watchdog`, or for every
+        connection at once by the server) instead of arming a cancel scope
+        per read and write (measured: that doubled the cost of a round trip).
+        A connection that waited on the same read or write for the whole
+        timeout is cancelled.
         """
-        period = self.io_timeout / 4
         transport = self.transport
-        last = -1
-        stalled = 0.0
+        if transport.waiting and transport.io_count == self._io_last:
+            self._io_stalled += period
+            if self._io_stalled >= self.io_timeout:
+                self._io_scope.cancel()
+                return True
+        else:
+            self._io_stalled = 0.0
+            self._io_last = transport.io_count
+        return False
+
+    async def watchdog(self) -> None:
+        """The I/O timeout of a connection served without a server (tests)."""
+        period = self.io_timeout / 4
         while True:
             await trio.sleep(period)
-            if transport.waiting and transport.io_count == last:
-                stalled += period
-                if stalled >= self.io_timeout:
-                    self._io_scope.cancel()
-                    return
-            else:
-                stalled = 0.0
-                last = transport.io_count
+            if self.io_stalled(period):
+                return
 
     async def queue(self, reply: Modification | Progress, flush: bool = False) -> None:
         """Queue an end-of-message change (already validated by the context API)."""
@@ -567,12 +639,12 @@ async def handle_connection(
         raise ValueError(f"io_timeout must be positive, got {io_timeout}")
     try:
         async with trio.open_nursery() as nursery:
-            background = await nursery.start(_host_background, tripwire, connection_id)
             session = Session(
-                milter, stream, tripwire, connection_id, io_timeout, max_data_size, background
+                milter, stream, tripwire, connection_id, io_timeout, max_data_size, nursery
             )
             tripwire.sessions.add(session)
-            nursery.start_soon(session.watchdog)
+            if not tripwire.watched:
+                nursery.start_soon(session.watchdog)
             try:
                 await session.run()
             except Exception as exc:
@@ -589,31 +661,3 @@ async def handle_connection(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await stream.aclose()
-
-
-async def _host_background(
-    tripwire: Tripwire,
-    connection_id: str,
-    task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Own the nursery handed to handlers as ``ctx.connection_nursery``.
-
-    A background task's exception is a panic: it is caught here, in its own
-    task, so the tripwire is tripped while the connection still runs (its
-    owed replies become TEMPFAIL) instead of the connection being torn down.
-    """
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started(nursery)
-            await trio.sleep_forever()
-    except* Exception as group:
-        # except*: when the connection ends (is cancelled) at the same time, the
-        # group also holds a Cancelled; that part propagates, the panic is caught.
-        first = group.exceptions[0]
-        log.critical(
-            "[%s] a background task of the connection panicked; the milter shuts down: %r",
-            connection_id,
-            first,
-            exc_info=first,
-        )
-        tripwire.trip(first)

@@ -151,6 +151,7 @@ class _Server:
         self.slots = trio.Semaphore(max_connections)
         self.panicked = trio.Event()
         self.tripwire = Tripwire(on_panic=lambda exc: self.panicked.set())
+        self.tripwire.watched = True  # one task checks every connection's I/O timeout
         self.accepting = trio.CancelScope()
         self.root: trio.Nursery | None = None
         self.stopping = False
@@ -168,6 +169,7 @@ class _Server:
                 self.root = root
                 root.start_soon(self._accept_loop)
                 root.start_soon(self._after_panic)
+                root.start_soon(self._watch_io)
                 if handle_signals and threading.current_thread() is threading.main_thread():
                     await root.start(self._watch_signals)
                 if shutdown is not None:
@@ -233,6 +235,16 @@ class _Server:
             )
         finally:
             self.slots.release()
+
+    async def _watch_io(self) -> None:
+        """The I/O timeout of every connection, from one task (a task per
+        connection would cost memory on every idle connection)."""
+        period = self.io_timeout / 4
+        sessions = self.tripwire.sessions
+        while True:
+            await trio.sleep(period)
+            for session in list(sessions):
+                session.io_stalled(period)
 
     # --- shutting down ---------------------------------------------------------------
 
