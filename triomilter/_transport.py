@@ -19,6 +19,7 @@ import trio
 
 RECEIVE_SIZE = 256 * 1024
 _YIELD_EVERY = 16  # reads served without waiting before we let other tasks run
+_SKIP_AFTER_MISS = 8  # after a read found nothing, wait before this many reads
 _QUICKACK = getattr(stdsocket, "TCP_QUICKACK", None)
 
 
@@ -61,7 +62,7 @@ class SocketTransport(Transport):
     (reference/latency-through-mtas.md).
     """
 
-    __slots__ = ("_fd", "_quickack", "_replied", "_spins")
+    __slots__ = ("_fd", "_quickack", "_replied", "_skip", "_spins")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
@@ -73,21 +74,21 @@ class SocketTransport(Transport):
         )
         self._replied = True
         self._spins = 0
+        self._skip = 0
 
     async def receive(self) -> bytes | bytearray:
         fd = self._fd
+        if self._skip:
+            # The MTA was slower than us lately: a read now would most likely
+            # fail (a syscall and an exception for nothing), so wait first.
+            self._skip -= 1
+            await self._wait(fd)
         while True:
             try:
                 data = os.read(fd, RECEIVE_SIZE)
             except BlockingIOError:
-                if not self._replied and self._quickack:
-                    self._ack_at_once()
-                self.waiting = True
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                finally:
-                    self.waiting = False
-                self._spins = 0
+                self._skip = _SKIP_AFTER_MISS
+                await self._wait(fd)
                 continue
             except OSError as exc:
                 raise _broken(exc) from exc
@@ -100,6 +101,16 @@ class SocketTransport(Transport):
             self._spins = 0
             await trio.lowlevel.checkpoint()
         return data
+
+    async def _wait(self, fd: int) -> None:
+        if not self._replied and self._quickack:
+            self._ack_at_once()
+        self.waiting = True
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            self.waiting = False
+        self._spins = 0
 
     async def send(self, data: bytes) -> None:
         fd = self._fd
