@@ -163,8 +163,18 @@ def build_error_reply(code: str | int, ext_code: str | None, lines: str | Sequen
         encoded.append(line.replace(b"%", b"%%"))
     head = code_text.encode()
     if len(encoded) == 1:
-        ext = b" " + ext_code.encode() if ext_code else b""
-        return head + ext + (b" " + encoded[0] if encoded[0] else b"")
+        if not ext_code:
+            first = encoded[0][:1]
+            if first.isdigit() and first != head[:1]:
+                # Postfix takes a digit after "ddd " for the extended code's
+                # class and refuses a mismatch as a "malformed reply".
+                raise InvalidArgument(
+                    f"reply text {texts[0][:40]!r} starts with a digit that is not the class "
+                    f"of reply code {code_text}: pass an extended code"
+                )
+            # Always "ddd SP", like libmilter: Postfix refuses a bare "ddd".
+            return head + b" " + encoded[0]
+        return head + b" " + ext_code.encode() + (b" " + encoded[0] if encoded[0] else b"")
     ext = (ext_code or f"{code_text[0]}.0.0").encode()
     out = [head + b"-" + ext + b" " + line for line in encoded[:-1]]
     out.append(head + b" " + ext + b" " + encoded[-1])

@@ -205,6 +205,9 @@ class Session:
         self.stage = Stage.NEGOTIATE
         self.error_reply: bytes | None = None
         self.outbox = bytearray()
+        # Set while end-of-message changes are being written: the handler and
+        # its background tasks may write at once, and must not interleave.
+        self._writing: trio.Event | None = None
         self.requested_macros: dict[MacroStage, bytes] = {}
         self.actions = Actions.NONE
         self.faked_noreply = ProtocolOpts.NONE
@@ -442,6 +445,11 @@ class Session:
         outbox = self.outbox
         if outbox and owed == CommandCode.EOM and (status is Status.TEMPFAIL or reply is TEMPFAIL):
             outbox.clear()  # the message fails (also by an invalid status): changes are moot
+        if self._writing is not None:
+            # Changes are still being written (by a background task, say): after them.
+            outbox += data
+            await self._flush()
+            return
         if outbox:
             outbox += data
             data = bytes(outbox)
@@ -450,6 +458,21 @@ class Session:
 
     async def _send(self, data: bytes) -> None:
         await self.transport.send(data)
+
+    async def _flush(self) -> None:
+        """Write the outbox, one write at a time, in the order it was queued."""
+        while self._writing is not None:
+            await self._writing.wait()
+        if not self.outbox:
+            return  # a write that waited with us took it
+        data = bytes(self.outbox)
+        self.outbox.clear()
+        self._writing = done = trio.Event()
+        try:
+            await self.transport.send(data)
+        finally:
+            self._writing = None
+            done.set()
 
     def io_stalled(self, period: float) -> bool:
         """Count ``period`` seconds against the I/O timeout; True once it ran out.
@@ -486,10 +509,8 @@ class Session:
         except LocalProtocolError as exc:
             raise StageError(str(exc)) from None
         if flush or len(self.outbox) > FLUSH_THRESHOLD:
-            data = bytes(self.outbox)
-            self.outbox.clear()
             try:
-                await self.transport.send(data)
+                await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ConnectionLost(f"the MTA connection is gone: {exc}") from exc
 

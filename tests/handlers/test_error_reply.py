@@ -67,7 +67,7 @@ CASES: list[tuple[Reply, Status, str]] = [
     ((550, "5.7.1", ["Go away"]), Status.REJECT, "550 5.7.1 Go away"),
     (("554", None, "No"), Status.REJECT, "554 No"),
     (("421", "4.7.0", "Closing"), Status.TEMPFAIL, "421 4.7.0 Closing"),
-    (("451", None, ""), Status.TEMPFAIL, "451"),
+    (("451", None, ""), Status.TEMPFAIL, "451 "),  # libmilter: "ddd SP"; Postfix refuses "ddd"
     (("550", "5.7.1", ["a", "b"]), Status.REJECT, "550-5.7.1 a\r\n550 5.7.1 b"),
     (("550", None, ["a", "b"]), Status.REJECT, "550-5.0.0 a\r\n550 5.0.0 b"),
     (("452", None, ["x", "y", "z"]), Status.TEMPFAIL, "452-4.0.0 x\r\n452-4.0.0 y\r\n452 4.0.0 z"),
