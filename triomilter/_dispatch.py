@@ -18,6 +18,7 @@ Failure semantics (SPEC §2.1), in one place:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -158,6 +159,8 @@ class ConnectionTasks:
     ) -> None:
         try:
             await async_fn(*args)
+        except ConnectionLost:
+            pass  # the connection is ending anyway: not a panic
         except Exception as exc:
             self._on_panic(exc)
 
@@ -331,20 +334,35 @@ class Session:
         tripwire.busy += 1
         try:
             result = handler.func(self.ctx, *args)
-            if handler.is_async:
+            if handler.is_async or inspect.isawaitable(result):
+                # (also an async callable object, or one behind a plain decorator)
                 result = await result  # type: ignore[misc]
             return result
+        except ConnectionLost as exc:
+            # The MTA went away while a change was written: this connection
+            # ends (on_abort/on_close), the milter does not.
+            self.log(logging.WARNING, "%s", exc)
+            raise _Closed from None
         except MilterError as exc:
             if handler.returns is Returns.RESULT:
                 return Err(exc)
             self._panic(handler, exc)
         except Exception as exc:
             self._panic(handler, exc)
+        except BaseExceptionGroup as group:
+            # A handler's own nursery failing while being cancelled: the
+            # failure is a panic, the cancellation goes on.
+            cancelled, failures = group.split(trio.Cancelled)
+            if failures is None:
+                raise
+            self._panic(handler, failures)
+            if cancelled is not None:
+                raise cancelled from None
         finally:
             tripwire.busy -= 1
         return _PANICKED
 
-    def _panic(self, handler: AnyHandler, exc: Exception) -> None:
+    def _panic(self, handler: AnyHandler, exc: BaseException) -> None:
         self.log(
             logging.CRITICAL,
             "handler %s panicked; the milter shuts down: %r",
