@@ -44,10 +44,17 @@ def _handlers_by_stage(
 
 
 def _macros(value: Mapping[MacroStage, str]) -> Mapping[MacroStage, str]:
-    for stage in value:
+    """Check macro requests like ``request_macros`` does; names space-separated."""
+    lists: dict[MacroStage, str] = {}
+    for stage, names in value.items():
         if not isinstance(stage, MacroStage):
             raise TypeError(f"macro stages must be MacroStage values, got {stage!r}")
-    return types.MappingProxyType(dict(value))
+        if not isinstance(names, str):
+            raise TypeError(f"macro names for {stage.name} must be a str, got {names!r}")
+        if any(bad in names for bad in ("\0", "\r", "\n")):
+            raise ValueError(f"macro names for {stage.name} contain NUL, CR or LF: {names!r}")
+        lists[stage] = " ".join(names.split())
+    return types.MappingProxyType(lists)
 
 
 @attrs.frozen

@@ -341,3 +341,15 @@ async def test_a_module_milter_runs(open_milter: OpenMilter) -> None:
         assert (await client.connect("mx", None)).status is Status.CONTINUE
         assert (await client.unknown("FOO")).status is Status.REJECT
         assert (await client.send_message("<a@b>", "<c@d>")).has_added_header("X-Tag", "yes")
+
+
+def test_milter_macros_are_checked_and_normalised() -> None:
+    from triomilter import MacroStage as Stage_
+    from triomilter import Milter as Milter_
+
+    milter = Milter_("m", macros={Stage_.MAIL: "  {auth_authen}\t i "})
+    assert milter.macros[Stage_.MAIL] == "{auth_authen} i"
+    with pytest.raises(ValueError, match="NUL, CR or LF"):
+        Milter_("m", macros={Stage_.MAIL: "i\nj"})
+    with pytest.raises(TypeError, match="must be a str"):
+        Milter_("m", macros={Stage_.MAIL: b"i"})  # type: ignore[dict-item]
