@@ -103,11 +103,17 @@ class Milter:
             macros=macros if macros is not None else getattr(module, "MACROS", {}),
         )
 
-    @property
-    def unhandled_steps(self) -> ProtocolOpts:
-        """The ``NO_*`` steps of the stages this milter has no handler for."""
-        opts = ProtocolOpts.NONE
+    _unhandled: ProtocolOpts = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        opts = 0
         for stage, step in NO_STEP_OF_STAGE.items():
             if stage not in self.handlers:
                 opts |= step
-        return opts
+        # Computed once: negotiation on every connection needs it.
+        object.__setattr__(self, "_unhandled", ProtocolOpts(opts))
+
+    @property
+    def unhandled_steps(self) -> ProtocolOpts:
+        """The ``NO_*`` steps of the stages this milter has no handler for."""
+        return self._unhandled

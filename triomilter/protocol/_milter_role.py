@@ -56,6 +56,9 @@ _SCOPING = {
     if code in (CommandCode.CONNECT, CommandCode.HELO, CommandCode.MAIL, CommandCode.RCPT)
 }
 _MACRO = int(CommandCode.MACRO)
+_NOREPLY_BITS = tuple((int(code), int(flag)) for code, flag in NOREPLY_FLAG.items())
+_NO_BITS = tuple((int(code), int(flag)) for code, flag in NO_FLAG.items())
+_NO_CONNECT_BIT = int(ProtocolOpts.NO_CONNECT)
 _CONTINUE = int(ReplyCode.CONTINUE)
 _EOM = int(CommandCode.EOM)
 _ABORT = int(CommandCode.ABORT)
@@ -291,11 +294,11 @@ class MilterConnection:
         if self.owed != CommandCode.OPTNEG:
             raise LocalProtocolError("no option negotiation is waiting for its reply")
         self.negotiated = negotiated
-        opts = negotiated.opts
-        self._silent = frozenset(code for code, flag in NOREPLY_FLAG.items() if opts & flag)
+        opts = int(negotiated.opts)  # plain ints: IntFlag operators run in Python
+        self._silent = frozenset(code for code, flag in _NOREPLY_BITS if opts & flag)
         self.owed = None
         self._session.negotiated(
-            bool(opts & ProtocolOpts.NO_CONNECT),
-            frozenset(code for code, flag in NO_FLAG.items() if opts & flag),
+            bool(opts & _NO_CONNECT_BIT),
+            frozenset(code for code, flag in _NO_BITS if opts & flag),
         )
         return (reply or negotiated.reply()).encode()

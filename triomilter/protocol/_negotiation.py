@@ -29,6 +29,11 @@ from ._replies import OptionNegotiationReply
 # libmilter drops these instead of failing when an old MTA does not offer them:
 # such an MTA never sends the event anyway.
 _DROPPABLE = NOREPLY_OPTS | ProtocolOpts.NO_DATA | ProtocolOpts.NO_UNKNOWN
+_DROPPABLE_BITS = int(_DROPPABLE)
+_NOREPLY_BITS = int(NOREPLY_OPTS)
+_INTERNAL = int(INTERNAL_PROTOCOL)
+_V1_ACTIONS = int(V1_ACTIONS)
+_V2_PROTOCOL = int(V2_PROTOCOL)
 
 
 def _without(value: int, mask: int) -> int:
@@ -86,26 +91,30 @@ def negotiate(
     """
     if offer.version < 2:
         raise NegotiationError(f"OPTNEG: MTA protocol version {offer.version} is below 2")
-    mta_actions, mta_opts = offered(offer)
-    missing = Actions(_without(actions, mta_actions))
+    # Plain ints throughout (IntFlag operators run in Python; this runs for
+    # every MTA connection); flags are built once for the result.
+    mta_actions = int(offer.actions) or _V1_ACTIONS
+    mta_opts = int(offer.opts) or _V2_PROTOCOL
+    missing = int(actions) & ~mta_actions
     if missing:
         raise NegotiationError(
-            f"OPTNEG: the MTA does not offer the actions the milter needs: {missing!r} "
-            f"(offered {mta_actions!r})"
+            f"OPTNEG: the MTA does not offer the actions the milter needs: {Actions(missing)!r} "
+            f"(offered {Actions(mta_actions)!r})"
         )
-    wanted = ProtocolOpts(_without(opts, INTERNAL_PROTOCOL))
-    unoffered = ProtocolOpts(_without(wanted, mta_opts))
-    fatal = ProtocolOpts(_without(unoffered, _DROPPABLE))
+    wanted = int(opts) & ~_INTERNAL
+    unoffered = wanted & ~mta_opts
+    fatal = unoffered & ~_DROPPABLE_BITS
     if fatal:
         raise NegotiationError(
-            f"OPTNEG: the MTA does not offer the protocol steps the milter needs: {fatal!r}"
+            "OPTNEG: the MTA does not offer the protocol steps the milter needs: "
+            f"{ProtocolOpts(fatal)!r}"
         )
     return Negotiated(
         version=min(PROTOCOL_VERSION, offer.version),
-        actions=actions,
+        actions=Actions(actions),
         opts=ProtocolOpts(wanted & mta_opts),
-        macros=dict(macros or {}),
-        faked_noreply=ProtocolOpts(unoffered & NOREPLY_OPTS),
+        macros=dict(macros) if macros else {},
+        faked_noreply=ProtocolOpts(unoffered & _NOREPLY_BITS),
     )
 
 

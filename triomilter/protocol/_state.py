@@ -33,6 +33,7 @@ that recipient).
 from __future__ import annotations
 
 import enum
+import functools
 
 from ._constants import CommandCode as C
 from ._constants import ReplyCode as R
@@ -222,8 +223,13 @@ class SessionState:
             self.state = State.SESSION
 
 
+@functools.lru_cache(maxsize=64)
 def skip_over(disabled: frozenset[int]) -> dict[State, dict[int, State]]:
-    """The transition table with the ``disabled`` commands skipped over."""
+    """The transition table with the ``disabled`` commands skipped over.
+
+    Cached: a milter negotiates the same steps on every connection, and the
+    tables are only read.
+    """
     table: dict[State, dict[int, State]] = {}
     for state, moves in TRANSITIONS.items():
         reachable = dict(moves)
