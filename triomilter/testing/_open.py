@@ -10,8 +10,9 @@ an exception group.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import trio
 import trio.testing
@@ -66,13 +67,8 @@ async def open_tcp(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[MilterClient]:
     """A session with the milter listening on TCP ``host``:``port`` (any implementation)."""
-    try:
-        with trio.fail_after(timeout):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise MilterTimeout(f"could not connect to {host}:{port} within {timeout} s") from None
-    offer = OptionNegotiation(version, actions, opts)
-    async with _session(stream, offer, timeout) as client:
+    stream = await _connect(trio.open_tcp_stream(host, port), f"{host}:{port}", timeout)
+    async with _session(stream, OptionNegotiation(version, actions, opts), timeout) as client:
         yield client
 
 
@@ -86,13 +82,8 @@ async def open_unix(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[MilterClient]:
     """A session with the milter listening on the UNIX socket ``path``."""
-    try:
-        with trio.fail_after(timeout):
-            stream: trio.abc.Stream = await trio.open_unix_socket(path)
-    except trio.TooSlowError:
-        raise MilterTimeout(f"could not connect to {path} within {timeout} s") from None
-    offer = OptionNegotiation(version, actions, opts)
-    async with _session(stream, offer, timeout) as client:
+    stream = await _connect(trio.open_unix_socket(path), str(path), timeout)
+    async with _session(stream, OptionNegotiation(version, actions, opts), timeout) as client:
         yield client
 
 
@@ -226,3 +217,14 @@ async def _session(
         raise milter_error
     if failure is not None:
         raise failure
+
+
+async def _connect(
+    connecting: Coroutine[Any, Any, trio.SocketStream], where: str, timeout: float
+) -> trio.abc.Stream:
+    """Await a connection attempt, bounded by the client's step timeout."""
+    try:
+        with trio.fail_after(timeout):
+            return await connecting
+    except trio.TooSlowError:
+        raise MilterTimeout(f"could not connect to {where} within {timeout} s") from None
