@@ -4,6 +4,10 @@
 `MtaConnection` the MTA's (commands out, replies in). Both only turn bytes
 into typed objects and back and enforce the protocol's rules; reading and
 writing sockets is the caller's business.
+
+``__all__`` is what a user of the engine needs. The other names importable
+from here (framing, the macro store, the state table, negotiation helpers,
+per-command flag tables) serve triomilter's own layers and may change.
 """
 
 from ._commands import (
@@ -31,12 +35,10 @@ from ._commands import (
     decode_command,
 )
 from ._constants import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     CHUNK_SIZE,
     MAX_DATA_SIZE,
-    NO_FLAG,
-    NO_STAGE_OPTS,
-    NOREPLY_FLAG,
-    NOREPLY_OPTS,
     PROTOCOL_VERSION,
     Actions,
     AddressFamily,
@@ -45,12 +47,41 @@ from ._constants import (
     ProtocolOpts,
     ReplyCode,
 )
+from ._constants import (
+    COMMAND_OF_MACRO_STAGE as COMMAND_OF_MACRO_STAGE,
+)
+from ._constants import (
+    INTERNAL_PROTOCOL as INTERNAL_PROTOCOL,
+)
+from ._constants import (
+    NO_FLAG as NO_FLAG,
+)
+from ._constants import (
+    NO_STAGE_OPTS as NO_STAGE_OPTS,
+)
+from ._constants import (
+    NOREPLY_FLAG as NOREPLY_FLAG,
+)
+from ._constants import (
+    NOREPLY_OPTS as NOREPLY_OPTS,
+)
+from ._constants import (
+    V1_ACTIONS as V1_ACTIONS,
+)
+from ._constants import (
+    V2_PROTOCOL as V2_PROTOCOL,
+)
 from ._errors import LocalProtocolError, NegotiationError, ProtocolError, RemoteProtocolError
-from ._framing import FrameReader
-from ._macros import MacroStore
-from ._milter_role import NEED_DATA, MilterConnection, NeedData
+from ._framing import NEED_DATA, NeedData
+from ._framing import FrameReader as FrameReader
+from ._macros import MacroStore as MacroStore
+from ._milter_role import MilterConnection
 from ._mta_role import MtaConnection
-from ._negotiation import Negotiated, check_reply, negotiate, negotiate_all, offered
+from ._negotiation import Negotiated
+from ._negotiation import check_reply as check_reply
+from ._negotiation import negotiate as negotiate
+from ._negotiation import negotiate_all as negotiate_all
+from ._negotiation import offered as offered
 from ._replies import (
     ACCEPT,
     CONTINUE,
@@ -83,11 +114,14 @@ from ._replies import (
     Tempfail,
     decode_reply,
 )
+from ._state import FINAL_REPLIES as FINAL_REPLIES
 from ._state import State
 
 __all__ = [
     "ABORT",
     "ACCEPT",
+    "ALL_ACTIONS",
+    "ALL_PROTOCOL_OPTS",
     "CHUNK_SIZE",
     "CONTINUE",
     "DATA",
@@ -95,10 +129,6 @@ __all__ = [
     "END_OF_HEADERS",
     "MAX_DATA_SIZE",
     "NEED_DATA",
-    "NOREPLY_FLAG",
-    "NOREPLY_OPTS",
-    "NO_FLAG",
-    "NO_STAGE_OPTS",
     "PROGRESS",
     "PROTOCOL_VERSION",
     "QUIT",
@@ -127,13 +157,11 @@ __all__ = [
     "Discard",
     "EndOfHeaders",
     "EndOfMessage",
-    "FrameReader",
     "Header",
     "Helo",
     "InsertHeader",
     "LocalProtocolError",
     "MacroStage",
-    "MacroStore",
     "Mail",
     "MilterConnection",
     "Modification",
@@ -161,10 +189,6 @@ __all__ = [
     "State",
     "Tempfail",
     "Unknown",
-    "check_reply",
     "decode_command",
     "decode_reply",
-    "negotiate",
-    "negotiate_all",
-    "offered",
 ]

@@ -74,7 +74,29 @@ class AddressFamily(enum.IntEnum):
     INET6 = ord("6")
 
 
-class Actions(enum.IntFlag):
+_PSEUDO_MEMBERS = 512
+"""How many combined values a flag type caches (see `_BoundedFlag`)."""
+
+
+class _BoundedFlag(enum.IntFlag):
+    """An ``IntFlag`` whose cache of combined values has a bound.
+
+    ``enum`` keeps every combination of known bits it ever built for the life
+    of the process. Negotiation words come from the network: a peer sending
+    random words would grow that cache without end (2**21 combinations of the
+    protocol bits alone). Beyond the bound, combinations are built afresh
+    each time instead of cached; they compare and hash like any int.
+    """
+
+    @classmethod
+    def _missing_(cls, value: object) -> enum.Flag:
+        member: enum.Flag = super()._missing_(value)
+        if len(cls._value2member_map_) > _PSEUDO_MEMBERS:
+            cls._value2member_map_.pop(value, None)
+        return member
+
+
+class Actions(_BoundedFlag):
     """What a milter may do at end of message (``SMFIF_*``, the negotiated actions word)."""
 
     NONE = 0
@@ -89,7 +111,7 @@ class Actions(enum.IntFlag):
     REQUEST_MACROS = 0x100  # SMFIF_SETSYMLIST: macro lists in the negotiation reply
 
 
-class ProtocolOpts(enum.IntFlag):
+class ProtocolOpts(_BoundedFlag):
     """Negotiated protocol steps (``SMFIP_*``, the negotiated protocol word)."""
 
     NONE = 0
@@ -139,8 +161,10 @@ V1_ACTIONS = Actions(0x0F)
 V2_PROTOCOL = ProtocolOpts(0x3F)
 """Protocol steps assumed when an MTA offers 0 (libmilter ``SMFI_V1_PROT``)."""
 ALL_ACTIONS = Actions(0x1FF)
-ALL_PROTOCOL = ProtocolOpts(0x001FFFFF)
-"""Every protocol bit of version 6 (``SMFI_CURR_PROT``)."""
+"""Every action of version 6 (``SMFI_CURR_ACTS``): what Postfix and Sendmail offer."""
+ALL_PROTOCOL_OPTS = ProtocolOpts(0x001FFFFF)
+"""Every protocol step of version 6 (``SMFI_CURR_PROT``): what Postfix and Sendmail offer."""
+ALL_PROTOCOL = ALL_PROTOCOL_OPTS
 INTERNAL_PROTOCOL = ProtocolOpts(0x70000000)
 """Bits private to an MTA and libmilter (max data size); never negotiated here."""
 
@@ -189,6 +213,17 @@ NOREPLY_FLAG: dict[int, ProtocolOpts] = {
     CommandCode.EOH: ProtocolOpts.NOREPLY_EOH,
     CommandCode.BODY: ProtocolOpts.NOREPLY_BODY,
     CommandCode.UNKNOWN: ProtocolOpts.NOREPLY_UNKNOWN,
+}
+
+# The command each macro stage's ``D`` packet names (protocol.md §2.5, §5.1).
+COMMAND_OF_MACRO_STAGE: dict[MacroStage, CommandCode] = {
+    MacroStage.CONNECT: CommandCode.CONNECT,
+    MacroStage.HELO: CommandCode.HELO,
+    MacroStage.MAIL: CommandCode.MAIL,
+    MacroStage.RCPT: CommandCode.RCPT,
+    MacroStage.DATA: CommandCode.DATA,
+    MacroStage.EOH: CommandCode.EOH,
+    MacroStage.EOM: CommandCode.EOM,
 }
 
 # The action each modification reply needs (protocol.md §2.3).

@@ -10,6 +10,19 @@ from ._errors import RemoteProtocolError
 _unpack_len = struct.Struct(">I").unpack_from
 
 
+class NeedData:
+    """What ``next_event`` returns when a whole packet has not arrived yet."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+"""The only `NeedData` instance: compare with ``is``."""
+
+
 class FrameReader:
     """Cuts a byte stream into ``(code, data)`` frames.
 
@@ -23,11 +36,12 @@ class FrameReader:
     ``bytearray``.
     """
 
-    __slots__ = ("_buf", "_pos", "max_data_size")
+    __slots__ = ("_buf", "_dropped", "_pos", "max_data_size")
 
     def __init__(self, max_data_size: int = MAX_DATA_SIZE) -> None:
         self._buf: bytes | bytearray = b""
         self._pos = 0
+        self._dropped = 0  # stream bytes before _buf (for partial_frame)
         self.max_data_size = max_data_size
 
     def feed(self, data: bytes | bytearray) -> None:
@@ -35,16 +49,31 @@ class FrameReader:
         buf = self._buf
         pos = self._pos
         if pos >= len(buf):
+            self._dropped += len(buf)
             self._buf = data
         elif isinstance(buf, bytearray):
             if pos:
                 del buf[:pos]
+                self._dropped += pos
             buf += data
         else:
             # A partial frame is left: from now on assemble in a bytearray
             # (amortised appends, however small the reads).
+            self._dropped += pos
             self._buf = bytearray(buf[pos:]) + data
         self._pos = 0
+
+    @property
+    def partial_frame(self) -> int | None:
+        """Where in the stream the frame still being received began, or None.
+
+        The same number for as long as the same frame is incomplete, so a
+        caller with a clock can give a frame a deadline from its first byte
+        (a peer trickling one byte at a time never completes one).
+        """
+        if self._pos >= len(self._buf):
+            return None
+        return self._dropped + self._pos
 
     @property
     def buffered(self) -> int:
@@ -71,6 +100,7 @@ class FrameReader:
         code = buf[pos + 4]
         data = buf[pos + 5 : end]
         if end == len(buf):
+            self._dropped += end
             self._buf = b""
             end = 0
         self._pos = end

@@ -4,50 +4,14 @@ from __future__ import annotations
 
 import struct
 
-from ._commands import (
-    ABORT,
-    COMMAND_DECODERS,
-    Command,
-    OptionNegotiation,
-)
-from ._constants import (
-    ACTION_OF_REPLY,
-    MAX_DATA_SIZE,
-    NO_FLAG,
-    NOREPLY_FLAG,
-    CommandCode,
-    ProtocolOpts,
-    ReplyCode,
-    command_name,
-    reply_name,
-)
+from ._commands import ABORT, COMMAND_DECODERS, Command, OptionNegotiation
+from ._constants import MAX_DATA_SIZE, CommandCode, ReplyCode, command_name, reply_name
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._framing import FrameReader
+from ._framing import NEED_DATA, FrameReader, NeedData
 from ._macros import MESSAGE_SLOT, SLOT_OF_CODE, MacroStore
 from ._negotiation import Negotiated, check_reply
 from ._replies import OptionNegotiationReply, Reply
-from ._state import (
-    ABORTS,
-    EOM_MODIFICATIONS,
-    FINAL_REPLIES,
-    IGNORED,
-    REPLYING_COMMANDS,
-    SessionState,
-    State,
-    body_run,
-)
-
-
-class NeedData:
-    """Returned by ``next_event`` when a whole command has not arrived yet."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
+from ._state import ABORTS, FINAL_REPLIES, IGNORED, SessionState, State
 
 # Commands that reset the macro sets of every later stage when they arrive.
 _SCOPING = {
@@ -56,16 +20,14 @@ _SCOPING = {
     if code in (CommandCode.CONNECT, CommandCode.HELO, CommandCode.MAIL, CommandCode.RCPT)
 }
 _MACRO = int(CommandCode.MACRO)
-_NOREPLY_BITS = tuple((int(code), int(flag)) for code, flag in NOREPLY_FLAG.items())
-_NO_BITS = tuple((int(code), int(flag)) for code, flag in NO_FLAG.items())
-_NO_CONNECT_BIT = int(ProtocolOpts.NO_CONNECT)
 _CONTINUE = int(ReplyCode.CONTINUE)
+_SKIP = int(ReplyCode.SKIP)
 _EOM = int(CommandCode.EOM)
 _ABORT = int(CommandCode.ABORT)
 _QUIT = int(CommandCode.QUIT)
 _QUIT_NC = int(CommandCode.QUIT_NC)
 _OPTNEG = int(CommandCode.OPTNEG)
-_REPLYING = frozenset(int(code) for code in REPLYING_COMMANDS if code != CommandCode.OPTNEG)
+_SKIP_BIT = 0x400  # ProtocolOpts.SKIP as a plain int (IntFlag operators run in Python)
 
 
 class MilterConnection:
@@ -78,19 +40,19 @@ class MilterConnection:
     and disabled-stage macro packets, repeated aborts) never surface.
 
     `RemoteProtocolError` means the MTA sent something this session cannot
-    accept; `LocalProtocolError` means the caller broke the rules (a reply
-    nobody owed, a reply not allowed for the command, an action not
-    negotiated).
+    accept; it is final: the session is then in `State.ERROR` and
+    `next_event` raises again. `LocalProtocolError` means the caller broke
+    the rules (a reply nobody owed, a reply not allowed for the command, an
+    action not negotiated); it changes nothing.
     """
 
     __slots__ = (
-        "_body_run",
         "_clear_from",
+        "_failure",
         "_offer",
         "_pending",
         "_reader",
         "_session",
-        "_silent",
         "macros",
         "negotiated",
         "owed",
@@ -100,10 +62,9 @@ class MilterConnection:
         self._reader = FrameReader(max_data_size)
         self._session = SessionState()
         self._pending: Command | None = None
-        self._silent: frozenset[int] = frozenset()
         self._offer: OptionNegotiation | None = None
-        self._body_run = 0
         self._clear_from = -1
+        self._failure: RemoteProtocolError | None = None
         self.macros = MacroStore()
         self.negotiated: Negotiated | None = None
         self.owed: int | None = None
@@ -126,6 +87,11 @@ class MilterConnection:
         return self._reader.buffered
 
     @property
+    def partial_frame(self) -> int | None:
+        """Where the packet still being received began (see `FrameReader.partial_frame`)."""
+        return self._reader.partial_frame
+
+    @property
     def max_data_size(self) -> int:
         return self._reader.max_data_size
 
@@ -140,6 +106,8 @@ class MilterConnection:
             raise LocalProtocolError(
                 f"next_event() while the reply to {command_name(self.owed)} is still owed"
             )
+        if self._failure is not None:
+            raise RemoteProtocolError(f"the session already failed: {self._failure}")
         if self._clear_from >= 0:
             # Macros of an ended message or connection are dropped only now, so
             # that the abort/close handlers could still read them (libmilter
@@ -151,78 +119,72 @@ class MilterConnection:
             self._pending = None
             self._owe(pending.code)
             return pending
+        try:
+            return self._next_command()
+        except RemoteProtocolError as exc:
+            self._failure = exc
+            self._session.failed()
+            raise
+
+    def _next_command(self) -> Command | NeedData:
         reader = self._reader
-        session = self._session
-        macros = self.macros
         while True:
             frame = reader.next_frame()
             if frame is None:
                 return NEED_DATA
             code, payload = frame
             if code == _MACRO:
-                if session.state is State.NEGOTIATE or session.state is State.CLOSED:
-                    raise self._unexpected(code)
-                macros.define(payload)
+                self._define_macros(payload)
                 continue
             decoder = COMMAND_DECODERS.get(code)
             if decoder is None:
                 raise RemoteProtocolError(
-                    f"{command_name(code)} is not a milter command ({session.state.value})"
+                    f"{command_name(code)} is not a milter command ({self.state.value})"
                 )
-            before = session.state
-            # The main flow inline (the table); the rest through SessionState.command.
-            nxt = session.table[before].get(code)
-            if nxt is not None:
-                session.state = nxt
-                flags = 0
-            else:
-                flags = session.command(code)  # type: ignore[assignment]
-                if flags is None:
-                    raise self._unexpected(code, before)
+            # Decoded before the state moves: a malformed command changes nothing.
             try:
                 event = decoder(payload)
             except (IndexError, ValueError) as exc:  # belt and braces: never leak these
                 raise RemoteProtocolError(f"{command_name(code)}: malformed ({exc})") from exc
-            if flags:
-                if flags & IGNORED:
-                    continue
-                if flags & ABORTS:
-                    # An open message ends first: deliver an abort, then the
-                    # command itself (libmilter's order for an unexpected MAIL,
-                    # HELO, QUIT). The message's macros are already gone for
-                    # MAIL and HELO (the scoping below clears the later stages
-                    # while keeping the D M that came with this MAIL); QUIT and
-                    # K clear all once delivered.
-                    scope = _SCOPING.get(code)
-                    if scope is not None:
-                        macros.clear_after(scope)
-                    self._pending = event
-                    return ABORT
+            before = self._session.state
+            flags = self._session.command(code)
+            if flags is None:
+                raise self._unexpected(code, before)
+            if flags & IGNORED:
+                continue
             scope = _SCOPING.get(code)
             if scope is not None:
-                macros.clear_after(scope)
-            if code in _REPLYING and code not in self._silent:
-                self.owed = code
-                self._body_run = 0
-            elif code == _ABORT:
-                self._clear_from = MESSAGE_SLOT
-            elif code in (_QUIT, _QUIT_NC):
-                self._clear_from = 0
-            elif code == _OPTNEG:
+                self.macros.clear_after(scope)
+            if flags & ABORTS:
+                # An open message ends first: deliver an abort, then the command
+                # itself (libmilter's order for an unexpected MAIL, HELO, QUIT).
+                # The message's macros are already gone for MAIL and HELO (the
+                # scoping above keeps the D M that came with this MAIL); QUIT and
+                # K clear all once delivered.
+                self._pending = event
+                return ABORT
+            self._owe(code)
+            if code == _OPTNEG:
                 assert isinstance(event, OptionNegotiation)
                 self._offer = event
-                self.owed = code
             return event
 
-    def _owe(self, code: int) -> None:
-        if code in REPLYING_COMMANDS and code not in self._silent:
-            self.owed = code
-            self._body_run = 0
-        elif code == CommandCode.QUIT or code == CommandCode.QUIT_NC:
-            self._clear_from = 0
+    def _define_macros(self, payload: bytes) -> None:
+        state = self._session.state
+        if state is State.NEGOTIATE or state is State.CLOSED:
+            raise self._unexpected(_MACRO)
+        self.macros.define(payload)
 
-    def _end_message(self) -> None:
-        self.macros.clear_from(MESSAGE_SLOT)
+    def _owe(self, code: int) -> None:
+        """Record what delivering command ``code`` means for replies and macros."""
+        session = self._session
+        if session.expects_reply(code):
+            self.owed = code
+            session.body_run = 0
+        elif code == _ABORT:
+            self._clear_from = MESSAGE_SLOT
+        elif code in (_QUIT, _QUIT_NC):
+            self._clear_from = 0
 
     def _unexpected(self, code: int, state: State | None = None) -> RemoteProtocolError:
         state = state or self._session.state
@@ -250,31 +212,26 @@ class MilterConnection:
             wire = reply.encode()
         except (ValueError, struct.error) as exc:
             raise LocalProtocolError(f"{reply_name(code)}: cannot be encoded: {exc}") from None
+        session = self._session
         if code in FINAL_REPLIES[owed]:
-            if code == ReplyCode.SKIP and not self._negotiated_opts() & ProtocolOpts.SKIP:
+            if code == _SKIP and not self._opts() & _SKIP_BIT:
                 raise LocalProtocolError("SKIP was not negotiated")
             if code == ReplyCode.OPTNEG:
                 assert isinstance(reply, OptionNegotiationReply)
                 return self._send_negotiation(reply)
             self.owed = None
-            self._session.final_reply(owed, code)
-            if owed == _EOM or not self._session.in_message:
-                self._end_message()
+            session.final_reply(owed, code)
+            if owed == _EOM or not session.in_message:
+                self.macros.clear_from(MESSAGE_SLOT)
             return wire
-        if owed == _EOM and code in EOM_MODIFICATIONS:
-            needed = ACTION_OF_REPLY.get(code)
-            if needed is not None:
-                negotiated = self.negotiated
-                if negotiated is None or not negotiated.actions & needed:
-                    raise LocalProtocolError(
-                        f"{reply_name(code)} needs the {needed!r} action, which was not negotiated"
-                    )
-            self._body_run = body_run(self._body_run, code, LocalProtocolError)
-            return wire
-        raise LocalProtocolError(f"{reply_name(code)} is not a valid reply to {command_name(owed)}")
+        negotiated = self.negotiated
+        refusal = session.change(owed, code, negotiated.actions if negotiated else 0)
+        if refusal is not None:
+            raise LocalProtocolError(f"{reply_name(code)} {refusal}")
+        return wire
 
-    def _negotiated_opts(self) -> ProtocolOpts:
-        return self.negotiated.opts if self.negotiated is not None else ProtocolOpts.NONE
+    def _opts(self) -> int:
+        return self.negotiated.opts if self.negotiated is not None else 0
 
     def _send_negotiation(self, reply: OptionNegotiationReply) -> bytes:
         assert self._offer is not None
@@ -294,11 +251,9 @@ class MilterConnection:
         if self.owed != CommandCode.OPTNEG:
             raise LocalProtocolError("no option negotiation is waiting for its reply")
         self.negotiated = negotiated
-        opts = int(negotiated.opts)  # plain ints: IntFlag operators run in Python
-        self._silent = frozenset(code for code, flag in _NOREPLY_BITS if opts & flag)
         self.owed = None
-        self._session.negotiated(
-            bool(opts & _NO_CONNECT_BIT),
-            frozenset(code for code, flag in _NO_BITS if opts & flag),
-        )
+        self._session.negotiated(negotiated.opts)
         return (reply or negotiated.reply()).encode()
+
+
+__all__ = ["NEED_DATA", "MilterConnection", "NeedData"]

@@ -10,10 +10,8 @@ import struct
 
 from ._commands import Command, OptionNegotiation
 from ._constants import (
-    ACTION_OF_REPLY,
     MAX_DATA_SIZE,
     NO_FLAG,
-    NOREPLY_FLAG,
     CommandCode,
     ProtocolOpts,
     ReplyCode,
@@ -21,18 +19,10 @@ from ._constants import (
     reply_name,
 )
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._framing import FrameReader
-from ._milter_role import NEED_DATA, NeedData
+from ._framing import NEED_DATA, FrameReader, NeedData
 from ._negotiation import Negotiated, check_reply
 from ._replies import REPLY_DECODERS, OptionNegotiationReply, Reply
-from ._state import (
-    EOM_MODIFICATIONS,
-    FINAL_REPLIES,
-    REPLYING_COMMANDS,
-    SessionState,
-    State,
-    body_run,
-)
+from ._state import FINAL_REPLIES, SessionState, State
 
 
 class MtaConnection:
@@ -43,15 +33,17 @@ class MtaConnection:
     `next_event` yields the milter's replies, checked against the command
     they answer. `awaiting` is the code of the command whose final reply is
     pending; commands whose ``NOREPLY_*`` step was negotiated await nothing.
+    A `RemoteProtocolError` (the milter sent something invalid) is final:
+    every later `next_event` raises again.
     """
 
-    __slots__ = ("_body_run", "_offer", "_reader", "_session", "awaiting", "negotiated")
+    __slots__ = ("_failure", "_offer", "_reader", "_session", "awaiting", "negotiated")
 
     def __init__(self, max_data_size: int = MAX_DATA_SIZE) -> None:
         self._reader = FrameReader(max_data_size)
         self._session = SessionState()
         self._offer: OptionNegotiation | None = None
-        self._body_run = 0
+        self._failure: RemoteProtocolError | None = None
         self.negotiated: Negotiated | None = None
         self.awaiting: int | None = None
 
@@ -70,10 +62,7 @@ class MtaConnection:
 
     def expects_reply(self, code: int) -> bool:
         """Whether command ``code`` gets a reply in this session."""
-        if code not in REPLYING_COMMANDS:
-            return False
-        flag = NOREPLY_FLAG.get(code)
-        return not (flag and self.negotiated and self.negotiated.opts & flag)
+        return self._session.expects_reply(code)
 
     def send(self, command: Command) -> bytes:
         """Validate ``command`` and return its bytes."""
@@ -90,7 +79,7 @@ class MtaConnection:
         except (ValueError, struct.error) as exc:
             raise LocalProtocolError(f"{command_name(code)}: cannot be encoded: {exc}") from None
         if code == CommandCode.MACRO:
-            if self._session.state in (State.NEGOTIATE, State.CLOSED):
+            if self._session.state in (State.NEGOTIATE, State.CLOSED, State.ERROR):
                 raise LocalProtocolError(f"cannot send macros {self._session.state.value}")
             return wire
         if self.is_disabled(code):
@@ -105,9 +94,9 @@ class MtaConnection:
             )
         if isinstance(command, OptionNegotiation):
             self._offer = command
-        if self.expects_reply(code):
+        if self._session.expects_reply(code):
             self.awaiting = code
-            self._body_run = 0
+            self._session.body_run = 0
         return wire
 
     def receive_data(self, data: bytes | bytearray) -> None:
@@ -115,6 +104,16 @@ class MtaConnection:
 
     def next_event(self) -> Reply | NeedData:
         """The next reply from the milter, or `NEED_DATA`."""
+        if self._failure is not None:
+            raise RemoteProtocolError(f"the session already failed: {self._failure}")
+        try:
+            return self._next_reply()
+        except RemoteProtocolError as exc:
+            self._failure = exc
+            self._session.failed()
+            raise
+
+    def _next_reply(self) -> Reply | NeedData:
         frame = self._reader.next_frame()
         if frame is None:
             return NEED_DATA
@@ -132,28 +131,18 @@ class MtaConnection:
         if code in FINAL_REPLIES[awaiting]:
             self._final(awaiting, reply)
             return reply
-        if awaiting == CommandCode.EOM and code in EOM_MODIFICATIONS:
-            needed = ACTION_OF_REPLY.get(code)
-            if needed is not None and not (self.negotiated and self.negotiated.actions & needed):
-                raise RemoteProtocolError(
-                    f"{reply_name(code)} needs the {needed!r} action, which was not negotiated"
-                )
-            self._body_run = body_run(self._body_run, code, RemoteProtocolError)
-            return reply
-        raise RemoteProtocolError(
-            f"{reply_name(code)} is not a valid reply to {command_name(awaiting)}"
-        )
+        actions = self.negotiated.actions if self.negotiated is not None else 0
+        refusal = self._session.change(awaiting, code, actions)
+        if refusal is not None:
+            raise RemoteProtocolError(f"{reply_name(code)} {refusal}")
+        return reply
 
     def _final(self, awaiting: int, reply: Reply) -> None:
         code = reply.code
         if code == ReplyCode.OPTNEG:
             assert isinstance(reply, OptionNegotiationReply) and self._offer is not None
             self.negotiated = check_reply(self._offer, reply)
-            opts = self.negotiated.opts
-            self._session.negotiated(
-                bool(opts & ProtocolOpts.NO_CONNECT),
-                frozenset(code for code, flag in NO_FLAG.items() if opts & flag),
-            )
+            self._session.negotiated(self.negotiated.opts)
         elif code == ReplyCode.SKIP and not (
             self.negotiated and self.negotiated.opts & ProtocolOpts.SKIP
         ):

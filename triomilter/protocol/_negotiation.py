@@ -13,6 +13,8 @@ import attrs
 
 from ._commands import OptionNegotiation
 from ._constants import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     INTERNAL_PROTOCOL,
     NO_STAGE_OPTS,
     NOREPLY_OPTS,
@@ -34,6 +36,8 @@ _NOREPLY_BITS = int(NOREPLY_OPTS)
 _INTERNAL = int(INTERNAL_PROTOCOL)
 _V1_ACTIONS = int(V1_ACTIONS)
 _V2_PROTOCOL = int(V2_PROTOCOL)
+_ALL_ACTIONS = int(ALL_ACTIONS)
+_KNOWN_PROTOCOL = int(ALL_PROTOCOL_OPTS) | _INTERNAL
 
 
 def _without(value: int, mask: int) -> int:
@@ -68,10 +72,14 @@ class Negotiated:
 
 
 def offered(offer: OptionNegotiation) -> tuple[Actions, ProtocolOpts]:
-    """The offer's actions and steps, with libmilter's defaults for a zero word."""
-    actions = offer.actions or V1_ACTIONS
-    opts = offer.opts or V2_PROTOCOL
-    return Actions(actions), ProtocolOpts(opts)
+    """The offer's actions and steps, with libmilter's defaults for a zero word.
+
+    Bits that version 6 does not define are dropped: they mean nothing to a
+    milter, and a handler must not see what a hostile peer made up.
+    """
+    actions = int(offer.actions) or _V1_ACTIONS
+    opts = int(offer.opts) or _V2_PROTOCOL
+    return Actions(actions & _ALL_ACTIONS), ProtocolOpts(opts & _KNOWN_PROTOCOL)
 
 
 def negotiate(

@@ -27,7 +27,11 @@ almost anywhere:
 Replies move the state too (libmilter): a final reply to ``E`` ends the
 message; ``a``, ``r``, ``t``, ``d``, ``y`` (or ``4``) to a message-level
 command end it early; only ``a`` does so after ``R`` (the others are about
-that recipient).
+that recipient). Before the final reply to ``E`` come the changes, each
+needing its negotiated action, body chunks in one contiguous run.
+
+An error is final (h11's rule): once the peer sent something invalid the
+session is in `State.ERROR` and every later call raises.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import enum
 import functools
 
+from ._constants import ACTION_OF_REPLY, NO_FLAG, NOREPLY_FLAG, ProtocolOpts, command_name
 from ._constants import CommandCode as C
 from ._constants import ReplyCode as R
 
@@ -57,6 +62,7 @@ class State(enum.Enum):
     BODY = "in the body"
     EOM = "waiting for the end-of-message verdict"
     CLOSED = "closed"
+    ERROR = "after a protocol error"
 
 
 MESSAGE_STATES = frozenset(
@@ -82,6 +88,7 @@ TRANSITIONS: dict[State, dict[int, State]] = {
     State.BODY: {C.BODY: State.BODY, C.EOM: State.EOM},
     State.EOM: {},
     State.CLOSED: {},
+    State.ERROR: {},
 }
 
 # What each command may be answered with (protocol.md §6). SKIP is further
@@ -136,17 +143,32 @@ IGNORED = 2
 ENDS = 4
 """The command ends the connection (``Q``, ``K``)."""
 
+_NO_CONNECT_BIT = int(ProtocolOpts.NO_CONNECT)
+_NO_BITS = tuple((int(code), int(flag)) for code, flag in NO_FLAG.items())
+_NOREPLY_BITS = tuple((int(code), int(flag)) for code, flag in NOREPLY_FLAG.items())
+_EOM = int(C.EOM)
+
 
 class SessionState:
-    """The state of one session, advanced by commands and replies."""
+    """The state of one session, advanced by commands and replies.
 
-    __slots__ = ("after_connect", "state", "table")
+    Besides the position in the flow it holds what the negotiation decided
+    for the flow: the commands the MTA will not send (``NO_*``, skipped over)
+    and those that get no reply (``NOREPLY_*``, `silent`).
+    """
+
+    __slots__ = ("after_connect", "body_run", "silent", "state", "table")
 
     def __init__(self) -> None:
         self.state = State.NEGOTIATE
         # Where a connection starts: CONNECT, or SESSION when NO_CONNECT was agreed.
         self.after_connect = State.CONNECT
         self.table = TRANSITIONS
+        self.silent: frozenset[int] = frozenset()
+        """Commands that get no reply (their ``NOREPLY_*`` step was negotiated)."""
+        self.body_run = 0
+        """Where end-of-message body replacement is: 0 before any ``b``, 1 in
+        the run, 2 once another change followed it (set back at each EOM)."""
 
     @property
     def in_message(self) -> bool:
@@ -159,6 +181,7 @@ class SessionState:
         The state is unchanged when None is returned.
         """
         state = self.state
+        # The main flow first: it is the table, and every message walks it.
         nxt = self.table[state].get(code)
         if nxt is not None:
             self.state = nxt
@@ -167,6 +190,8 @@ class SessionState:
             if code == C.QUIT and state is not State.CLOSED:
                 self.state = State.CLOSED
                 return ENDS
+            return None
+        if state is State.ERROR:
             return None
         in_message = state in MESSAGE_STATES
         if code == C.UNKNOWN:
@@ -191,10 +216,14 @@ class SessionState:
                 return ABORTS
         return None
 
+    def expects_reply(self, code: int) -> bool:
+        """Whether command ``code`` owes a final reply in this session."""
+        return code in REPLYING_COMMANDS and code not in self.silent
+
     def expected(self) -> list[str]:
         """Names of the commands that may come now (for error messages)."""
         codes = list(self.table[self.state])
-        if self.state not in (State.NEGOTIATE, State.CLOSED, State.EOM):
+        if self.state not in (State.NEGOTIATE, State.CLOSED, State.EOM, State.ERROR):
             codes += [C.MACRO, C.UNKNOWN, C.ABORT, C.QUIT, C.QUIT_NC]
             if self.state in MESSAGE_STATES:
                 codes += [c for c in (C.MAIL, C.HELO) if c in self.table[State.SESSION]]
@@ -202,16 +231,21 @@ class SessionState:
             codes.append(C.QUIT)
         return [C(code).name for code in dict.fromkeys(codes)]
 
-    def negotiated(self, skip_connect: bool, disabled: frozenset[int] = frozenset()) -> None:
-        """The ``O`` reply was sent or received.
+    def negotiated(self, opts: int) -> None:
+        """The ``O`` reply with protocol steps ``opts`` was sent or received.
 
-        ``disabled`` are the commands the MTA will not send (``NO_*``): the
-        table then lets the flow skip over them, so with ``NO_MAIL`` a message
-        starts at its first RCPT (or whatever comes first).
+        The commands the MTA will not send (``NO_*``) are skipped over by the
+        flow, so with ``NO_MAIL`` a message starts at its first RCPT (or
+        whatever comes first); the ``NOREPLY_*`` ones become `silent`.
         """
-        self.after_connect = State.SESSION if skip_connect else State.CONNECT
+        self.after_connect = State.SESSION if opts & _NO_CONNECT_BIT else State.CONNECT
         self.state = self.after_connect
+        disabled, self.silent = _steps(int(opts))
         self.table = skip_over(disabled) if disabled else TRANSITIONS
+
+    def failed(self) -> None:
+        """The peer broke the protocol: the session cannot go on."""
+        self.state = State.ERROR
 
     def final_reply(self, command: int, reply: int) -> None:
         """Apply the state change of a final reply to ``command``."""
@@ -221,6 +255,36 @@ class SessionState:
             and self.state in MESSAGE_STATES
         ):
             self.state = State.SESSION
+
+    def change(self, command: int, reply: int, actions: int) -> str | None:
+        """Check a reply to ``command`` that is not a final one: why not, or None.
+
+        Only end of message takes such replies: changes whose action was
+        negotiated, and progress. Body-replacement packets must be
+        contiguous: Postfix refuses a ``b`` after the run ended ("body
+        replacement requests can't currently be mixed with other requests").
+        """
+        if command != _EOM or reply not in EOM_MODIFICATIONS:
+            return f"is not a valid reply to {command_name(command)}"
+        needed = ACTION_OF_REPLY.get(reply)
+        if needed is not None and not actions & needed:
+            return f"needs the {needed!r} action, which was not negotiated"
+        run = self.body_run
+        if reply == R.REPLBODY:
+            if run == 2:
+                return "chunks must be contiguous: another change came between"
+            self.body_run = 1
+        elif run == 1 and reply != R.PROGRESS:
+            self.body_run = 2
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _steps(opts: int) -> tuple[frozenset[int], frozenset[int]]:
+    """The commands disabled (``NO_*``) and silenced (``NOREPLY_*``) by ``opts``."""
+    disabled = frozenset(code for code, flag in _NO_BITS if opts & flag)
+    silent = frozenset(code for code, flag in _NOREPLY_BITS if opts & flag)
+    return disabled, silent
 
 
 @functools.lru_cache(maxsize=64)
@@ -246,19 +310,3 @@ def skip_over(disabled: frozenset[int]) -> dict[State, dict[int, State]]:
                     frontier.append(nxt)
         table[state] = {code: nxt for code, nxt in reachable.items() if code not in disabled}
     return table
-
-
-def body_run(run: int, reply: int, error: type[Exception]) -> int:
-    """Track body-replacement packets at end of message; they must be contiguous.
-
-    ``run`` is 0 before any ``b``, 1 inside the run, 2 once another change
-    followed it. Postfix refuses a ``b`` after the run ended ("body
-    replacement requests can't currently be mixed with other requests").
-    """
-    if reply == R.REPLBODY:
-        if run == 2:
-            raise error("REPLBODY ('b') chunks must be contiguous: another change came between")
-        return 1
-    if run == 1 and reply != R.PROGRESS:
-        return 2
-    return run
