@@ -150,7 +150,9 @@ def check_reply(offer: OptionNegotiation, reply: OptionNegotiationReply) -> Nego
         raise RemoteProtocolError(
             f"OPTNEG reply: version {reply.version} does not fit the offered {offer.version}"
         )
-    mta_actions, mta_opts = offered(offer)
+    # The raw words: bits version 6 does not define pass if they were offered.
+    mta_actions = int(offer.actions) or _V1_ACTIONS
+    mta_opts = int(offer.opts) or _V2_PROTOCOL
     extra_actions = Actions(_without(reply.actions, mta_actions))
     if extra_actions:
         raise RemoteProtocolError(f"OPTNEG reply: actions not offered: {extra_actions!r}")
