@@ -9,10 +9,11 @@ the failure semantics (``Status`` or ``Result[Status]``).
 
 from typing import TYPE_CHECKING
 
-from ._context import Context, ContextApi, SocketFamily, SocketInfo, Stage
+from ._context import Context, ContextApi, SocketFamily, SocketInfo
 from ._errors import (
     ActionNotNegotiated,
     ConnectionLost,
+    ForcedShutdown,
     InvalidArgument,
     MacroDecodeError,
     MilterError,
@@ -21,6 +22,7 @@ from ._errors import (
 )
 from ._handlers import (
     Handler,
+    blocking,
     on_abort,
     on_body,
     on_close,
@@ -36,12 +38,15 @@ from ._handlers import (
     on_unknown,
 )
 from ._milter import Milter
+from ._options import ServerOptions
+from ._stage import Stage
 from ._status import Err, Ok, Result, Status
 from .protocol import Actions, MacroStage, ProtocolOpts
 
 if TYPE_CHECKING:
-    from ._server import serve
+    from ._server import serve, serve_listener
     from ._sockets import SocketSpecError
+    from ._tasks import ConnectionTasks
 
 __version__ = "0.1.0"
 
@@ -49,9 +54,11 @@ __all__ = [
     "ActionNotNegotiated",
     "Actions",
     "ConnectionLost",
+    "ConnectionTasks",
     "Context",
     "ContextApi",
     "Err",
+    "ForcedShutdown",
     "Handler",
     "InvalidArgument",
     "MacroDecodeError",
@@ -62,12 +69,14 @@ __all__ = [
     "Ok",
     "ProtocolOpts",
     "Result",
+    "ServerOptions",
     "SocketFamily",
     "SocketInfo",
     "SocketSpecError",
     "Stage",
     "StageError",
     "Status",
+    "blocking",
     "on_abort",
     "on_body",
     "on_close",
@@ -82,19 +91,24 @@ __all__ = [
     "on_rcpt",
     "on_unknown",
     "serve",
+    "serve_listener",
 ]
 
 
 def __getattr__(name: str) -> object:
     # The server needs Trio's sockets and signals; the rest of the package (and
     # above all the protocol engine, `triomilter.protocol`) must import without
-    # Trio, so the server is loaded on first use.
-    if name == "serve":
-        from ._server import serve
+    # Trio, so what needs Trio is loaded on first use.
+    if name in ("serve", "serve_listener"):
+        from . import _server
 
-        return serve
+        return getattr(_server, name)
     if name == "SocketSpecError":
         from ._sockets import SocketSpecError
 
         return SocketSpecError
+    if name == "ConnectionTasks":
+        from ._tasks import ConnectionTasks
+
+        return ConnectionTasks
     raise AttributeError(f"module 'triomilter' has no attribute {name!r}")

@@ -1,15 +1,23 @@
-"""The context handed to every handler: per-connection data and the context API (SPEC §2.3)."""
+"""The context handed to every handler: per-connection data and the context API (SPEC §2.3).
+
+A `Context` belongs to one MTA connection, but it does not know the
+dispatcher: it talks to a `ContextHost`, the few things a context needs of
+its connection. The dispatcher's session is one host, `HandlerContext` (a
+test double that records instead of sending) another.
+"""
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Generic, Protocol
 
 import attrs
+from typing_extensions import TypeVar
 
-from ._errors import ActionNotNegotiated, InvalidArgument, MacroDecodeError, StageError
+from ._errors import ActionNotNegotiated, InvalidArgument, StageError
+from ._stage import Stage
 from .protocol import (
     CHUNK_SIZE,
     Actions,
@@ -21,15 +29,18 @@ from .protocol import (
     DeleteRecipient,
     InsertHeader,
     MacroStage,
+    Modification,
+    Progress,
     Quarantine,
     ReplaceBody,
 )
 from .protocol import PROGRESS as _PROGRESS
 
 if TYPE_CHECKING:
-    from ._dispatch import ConnectionTasks, Session
+    from ._tasks import ConnectionTasks
 
-D = TypeVar("D")
+D = TypeVar("D", default=None)
+M = TypeVar("M", default=None)
 
 
 class SocketFamily(enum.StrEnum):
@@ -47,27 +58,6 @@ class SocketInfo:
     family: SocketFamily
     address: str
     port: int = 0
-
-
-class Stage(enum.Enum):
-    """The protocol stage a handler runs in."""
-
-    NEGOTIATE = "negotiate"
-    CONNECT = "connect"
-    HELO = "helo"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-    HEADER = "header"
-    EOH = "eoh"
-    BODY = "body"
-    EOM = "eom"
-    ABORT = "abort"
-    CLOSE = "close"
-    UNKNOWN = "unknown"
-
-    # Members are singletons: identity hashing is exact and runs in C.
-    __hash__ = object.__hash__
 
 
 # --- argument validation -------------------------------------------------------
@@ -181,6 +171,54 @@ def build_error_reply(code: str | int, ext_code: str | None, lines: str | Sequen
     return b"\r\n".join(out)
 
 
+class ContextHost(Protocol):
+    """What a `Context` needs of the MTA connection it belongs to."""
+
+    error_reply: bytes | None
+    """The custom SMTP reply set for the status the running handler returns."""
+
+    @property
+    def stage(self) -> Stage:
+        """The stage whose handler runs now."""
+        ...
+
+    @property
+    def connection_id(self) -> str: ...
+
+    @property
+    def actions(self) -> Actions:
+        """The actions the MTA granted."""
+        ...
+
+    @property
+    def in_message(self) -> bool:
+        """Whether a message is open (between its first stage and its end)."""
+        ...
+
+    @property
+    def panicked(self) -> bool:
+        """Whether a handler panicked anywhere: then nothing may be sent."""
+        ...
+
+    @property
+    def requested_macros(self) -> dict[MacroStage, bytes]:
+        """Macro lists asked for in on_negotiate (filled by ``request_macros``)."""
+        ...
+
+    @property
+    def tasks(self) -> ConnectionTasks | None:
+        """Background tasks of the connection, if it has any."""
+        ...
+
+    def macro(self, name: bytes) -> bytes | None:
+        """The value of macro ``name`` (``x`` or ``{x}``) as the MTA last sent it."""
+        ...
+
+    async def queue(self, change: Modification | Progress, flush: bool = False) -> None:
+        """Send ``change`` with the final reply (or at once with ``flush``)."""
+        ...
+
+
 class ContextApi:
     """What a handler can ask of the MTA connection (SPEC §2.3).
 
@@ -191,10 +229,10 @@ class ContextApi:
     queue are written immediately.
     """
 
-    __slots__ = ("_session",)
+    __slots__ = ("_host",)
 
-    def __init__(self, session: Session) -> None:
-        self._session = session
+    def __init__(self, host: ContextHost) -> None:
+        self._host = host
 
     # --- macros -----------------------------------------------------------------
 
@@ -202,19 +240,19 @@ class ContextApi:
         """The raw value of macro ``name`` (``"i"`` and ``"{i}"`` are the same), or None."""
         # Names are ASCII; another str is simply no macro's name (not an exception).
         key = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
-        return self._session.conn.macros.get(key)
+        return self._host.macro(key)
 
     def macro_value(self, name: str | bytes) -> str | None:
-        """The value of macro ``name`` as text, or None; `MacroDecodeError` if not UTF-8."""
+        """The value of macro ``name`` as text, or None.
+
+        Never fails: bytes that are not UTF-8 (a client's reverse DNS name,
+        say, which anyone controls) become U+FFFD. Use `macro_bytes` for the
+        exact bytes.
+        """
         value = self.macro_bytes(name)
         if value is None:
             return None
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MacroDecodeError(
-                f"macro {name!r} is not valid UTF-8: {value[:80]!r}; use macro_bytes()"
-            ) from None
+        return value.decode("utf-8", "replace")
 
     def request_macros(self, stage: MacroStage, names: str) -> None:
         """Ask the MTA to send macros ``names`` (space-separated) at ``stage``.
@@ -226,7 +264,7 @@ class ContextApi:
         if not isinstance(stage, MacroStage):
             raise InvalidArgument(f"stage must be a MacroStage, not {stage!r}")
         data = _plain(names, "macro names", empty=True)
-        self._session.requested_macros[stage] = b" ".join(data.split())
+        self._host.requested_macros[stage] = b" ".join(data.split())
 
     # --- replies ---------------------------------------------------------------
 
@@ -239,12 +277,12 @@ class ContextApi:
         most 980 characters, no CR/LF). ``%`` is sent literally. The reply applies
         to the status the current handler returns and is forgotten afterwards.
         """
-        self._session.error_reply = build_error_reply(code, ext_code, lines)
+        self._host.error_reply = build_error_reply(code, ext_code, lines)
 
     # --- end-of-message actions --------------------------------------------------
 
     def _require_stage(self, stage: Stage, what: str) -> None:
-        current = self._session.stage
+        current = self._host.stage
         if current is not stage:
             raise StageError(
                 f"{what}() is allowed in on_{stage.value} only, not in on_{current.value}"
@@ -252,9 +290,9 @@ class ContextApi:
 
     def _check_action(self, action: Actions, what: str) -> None:
         self._require_stage(Stage.EOM, what)
-        if self._session.panicked:
+        if self._host.panicked:
             raise StageError("the milter is shutting down after a panic")
-        if not self._session.actions & action:
+        if not self._host.actions & action:
             raise ActionNotNegotiated(
                 f"{what} needs the {action.name} action; add it to Milter(actions=...) "
                 "or request it in on_negotiate (the MTA must offer it)"
@@ -263,13 +301,13 @@ class ContextApi:
     async def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """Append a header to the message."""
         self._check_action(Actions.ADD_HEADER, "add_header")
-        await self._session.queue(AddHeader(_header_name(name), _header_value(value)))
+        await self._host.queue(AddHeader(_header_name(name), _header_value(value)))
 
     async def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
         """Insert a header at position ``index`` (0 = first)."""
         self._check_action(Actions.ADD_HEADER, "insert_header")
         index = _index(index, "header index", 0)
-        await self._session.queue(InsertHeader(index, _header_name(name), _header_value(value)))
+        await self._host.queue(InsertHeader(index, _header_name(name), _header_value(value)))
 
     async def replace_header(
         self, name: str | bytes, index: int, value: str | bytes | None
@@ -280,22 +318,22 @@ class ContextApi:
         if value is not None and not data:
             raise InvalidArgument("an empty value would delete the header: pass None for that")
         index = _index(index, "header index", 1)
-        await self._session.queue(ChangeHeader(index, _header_name(name), data))
+        await self._host.queue(ChangeHeader(index, _header_name(name), data))
 
     async def add_recipient(self, rcpt: str | bytes, esmtp_args: str | bytes | None = None) -> None:
         """Add an envelope recipient; ESMTP args need ``ADD_RECIPIENT_EXT``."""
         if esmtp_args is None:
             self._check_action(Actions.ADD_RECIPIENT, "add_recipient")
-            await self._session.queue(AddRecipient(_plain(rcpt, "recipient")))
+            await self._host.queue(AddRecipient(_plain(rcpt, "recipient")))
         else:
             self._check_action(Actions.ADD_RECIPIENT_EXT, "add_recipient")
             args = _plain(esmtp_args, "ESMTP arguments")
-            await self._session.queue(AddRecipientExt(_plain(rcpt, "recipient"), args))
+            await self._host.queue(AddRecipientExt(_plain(rcpt, "recipient"), args))
 
     async def remove_recipient(self, rcpt: str | bytes) -> None:
         """Remove an envelope recipient (as the client gave it, e.g. ``<a@b>``)."""
         self._check_action(Actions.REMOVE_RECIPIENT, "remove_recipient")
-        await self._session.queue(DeleteRecipient(_plain(rcpt, "recipient")))
+        await self._host.queue(DeleteRecipient(_plain(rcpt, "recipient")))
 
     async def replace_sender(
         self, sender: str | bytes, esmtp_args: str | bytes | None = None
@@ -303,7 +341,7 @@ class ContextApi:
         """Replace the envelope sender."""
         self._check_action(Actions.REPLACE_SENDER, "replace_sender")
         args = None if esmtp_args is None else _plain(esmtp_args, "ESMTP arguments")
-        await self._session.queue(ChangeSender(_plain(sender, "sender"), args))
+        await self._host.queue(ChangeSender(_plain(sender, "sender"), args))
 
     async def append_body_chunk(self, data: str | bytes) -> None:
         """Append ``data`` to the replacement body (calls build it up in order).
@@ -313,32 +351,85 @@ class ContextApi:
         self._check_action(Actions.REPLACE_BODY, "append_body_chunk")
         body = _to_bytes(data, "body chunk")
         for start in range(0, len(body), CHUNK_SIZE):
-            await self._session.queue(ReplaceBody(body[start : start + CHUNK_SIZE]))
+            await self._host.queue(ReplaceBody(body[start : start + CHUNK_SIZE]))
 
     async def quarantine(self, reason: str | bytes) -> None:
         """Put the message in the MTA's hold (quarantine) queue."""
         self._check_action(Actions.QUARANTINE, "quarantine")
-        await self._session.queue(Quarantine(_plain(reason, "quarantine reason")))
+        await self._host.queue(Quarantine(_plain(reason, "quarantine reason")))
 
     async def signal_progress(self) -> None:
-        """Tell the MTA we are still working (resets its timeout); sent at once."""
+        """Tell the MTA we are still working (resets its timeout); sent at once.
+
+        Rarely needed: while an end-of-message handler runs longer than the
+        server's progress interval, progress is sent automatically.
+        """
         self._require_stage(Stage.EOM, "signal_progress")
-        await self._session.queue(_PROGRESS, flush=True)
+        await self._host.queue(_PROGRESS, flush=True)
 
 
-class Context(Generic[D]):
+class Context(Generic[D, M]):
     """Passed first to every handler of one MTA connection.
 
-    ``data`` is yours: it survives across the messages of the connection and
-    is dropped after ``on_close``. ``api`` talks to the MTA.
+    ``Context[D, M]``: ``D`` is the type of the per-connection data, ``M`` of
+    the per-message data (``None`` when not given: ``Context[None]``,
+    ``Context[Client]``).
+
+    - ``data`` is yours: it survives across the messages of the connection
+      and is dropped after ``on_close``. With ``Milter(connection_data=...)``
+      it starts as a new object from that factory for every connection, and
+      `connection_data` gives it without the ``None``.
+    - `message_data` is a new object from ``Milter(message_data=...)`` for
+      every message, made when a handler of the message first asks for it
+      and dropped when the message ends (end of message, a decision, abort).
+    - ``api`` talks to the MTA.
     """
 
-    __slots__ = ("_session", "api", "data")
+    __slots__ = ("_host", "_message", "_message_factory", "api", "data")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, host: ContextHost, message_factory: Callable[[], M] | None = None) -> None:
         self.data: D | None = None
-        self.api = ContextApi(session)
-        self._session = session
+        self.api = ContextApi(host)
+        self._host = host
+        self._message: M | None = None
+        self._message_factory = message_factory
+
+    @property
+    def connection_data(self) -> D:
+        """The per-connection data (``data``), never None.
+
+        Raises `LookupError` when there is none: the milter has no
+        ``connection_data`` factory and no handler set ``data``.
+        """
+        data = self.data
+        if data is None:
+            raise LookupError(
+                "no connection data: give Milter(connection_data=...) a factory, or set ctx.data"
+            )
+        return data
+
+    @property
+    def message_data(self) -> M:
+        """The data of the current message, made by ``Milter(message_data=...)`` on first use.
+
+        Raises `LookupError` when the milter has no ``message_data`` factory,
+        `StageError` outside a message (``on_connect``, ``on_helo``,
+        ``on_close``; ``on_abort`` still sees the aborted message's data).
+        """
+        message = self._message
+        if message is None:
+            factory = self._message_factory
+            if factory is None:
+                raise LookupError("no message data: give Milter(message_data=...) a factory")
+            host = self._host
+            if not host.in_message and host.stage is not Stage.ABORT:
+                raise StageError(f"message_data is per message; on_{host.stage.value} is in none")
+            message = self._message = factory()
+        return message
+
+    def _end_message(self) -> None:
+        """Drop the message's data (the dispatcher calls it when a message ends)."""
+        self._message = None
 
     @property
     def connection_nursery(self) -> ConnectionTasks:
@@ -348,7 +439,7 @@ class Context(Generic[D]):
         whatever is still running when the connection ends is cancelled. An
         exception escaping a task is a panic, as if a handler had raised it.
         """
-        tasks = self._session.tasks
+        tasks = self._host.tasks
         if tasks is None:
             raise StageError("background tasks are not available outside a connection")
         return tasks
@@ -356,23 +447,23 @@ class Context(Generic[D]):
     @property
     def connection_id(self) -> str:
         """The id that every log line about this connection carries."""
-        return self._session.connection_id
+        return self._host.connection_id
 
     @property
     def stage(self) -> Stage:
         """The stage whose handler is running."""
-        return self._session.stage
+        return self._host.stage
 
     @property
     def negotiated_actions(self) -> Actions:
         """The actions the MTA granted (what ``on_eom`` may do)."""
-        return self._session.actions
+        return self._host.actions
 
 
 __all__ = [
-    "ActionNotNegotiated",
     "Context",
     "ContextApi",
+    "ContextHost",
     "SocketFamily",
     "SocketInfo",
     "Stage",

@@ -37,3 +37,15 @@ class MilterPanic(Exception):
 
     Raised by ``serve()``; ``__cause__`` is the handler's original exception.
     """
+
+
+class ForcedShutdown(Exception):
+    """A second SIGTERM/SIGINT stopped the server at once, without draining.
+
+    Raised by ``serve()``/``serve_listener()``; ``signal`` is the signal number.
+    The command line exits with 128 + that number (143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped at once by a second signal ({signum})")
+        self.signal = signum

@@ -8,7 +8,15 @@ prebuilt ``convert`` on the engine's event and then the function.
 
 The decorators are typed so that mypy reports the mistakes the runtime
 checks catch: a wrong parameter type, a wrong return type, a missing
-context parameter.
+context parameter, and, in ``Milter(...)``, a handler written for another
+context type than the milter's data factories make.
+
+Typing design: a decorated handler is a `Handler[C, R]` (``C`` its context
+type, ``R`` what it returns), refined by one subclass per shape of
+parameters so that calling it directly in a test is type-checked too. The
+shape's own type variables (``str`` or ``bytes``) are covariant so that a
+list of handlers of one milter joins to ``Handler[Context[D, M], object]``,
+from which mypy infers (and checks) the milter's data types.
 """
 
 from __future__ import annotations
@@ -20,11 +28,10 @@ import ipaddress
 import types
 import typing
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
-from typing_extensions import ParamSpec
-
-from ._context import Context, SocketFamily, SocketInfo, Stage
+from ._context import Context, SocketFamily, SocketInfo
+from ._stage import NOREPLY_STEP, Stage
 from ._status import Err, Ok, Result, Status
 from .protocol import (
     Actions,
@@ -39,42 +46,54 @@ from .protocol import (
 )
 
 D = TypeVar("D")
-P = ParamSpec("P")
+M = TypeVar("M")
+C = TypeVar("C")
+"""A handler's context type, ``Context[D, M]``."""
 R_co = TypeVar("R_co", covariant=True)
+# str or bytes, per parameter. Covariant although they type parameters of
+# __call__: that is what lets handlers taking str and bytes share a list (the
+# join of ArgsHandler[C, str, R] and ArgsHandler[C, bytes, R] is a handler, not
+# object); a joined type is never called.
+S_co = TypeVar("S_co", covariant=True)
+S2_co = TypeVar("S2_co", covariant=True)
 S1 = TypeVar("S1", str, bytes)
 S2 = TypeVar("S2", str, bytes)
+F = TypeVar("F", bound=Callable[..., Any])
 
 StatusReturn = Status | Ok[Status] | Err
 NegotiateResult = tuple[Status, Actions, ProtocolOpts]
 NegotiateReturn = NegotiateResult | Ok[NegotiateResult] | Err
-R = TypeVar("R", bound=StatusReturn | Awaitable[StatusReturn])
+# What a handler may return: a verdict, or None for "no reply" (SPEC §2.1).
+R = TypeVar("R", bound=StatusReturn | Awaitable[StatusReturn | None] | None)
+# End of message always answers.
+RE = TypeVar("RE", bound=StatusReturn | Awaitable[StatusReturn])
 RN = TypeVar("RN", bound=NegotiateReturn | Awaitable[NegotiateReturn])
-# on_abort/on_close results are ignored, so they may also return None.
-RA = TypeVar("RA", bound=StatusReturn | Awaitable[StatusReturn | None] | None)
 
 
 class Returns(enum.Enum):
-    """How a handler reports failure, read from its return annotation."""
+    """How a handler reports its verdict and failure, read from its return annotation."""
 
     STATUS = "Status"  # any exception is a panic
     RESULT = "Result"  # Err and raised MilterError are TEMPFAIL
+    NONE = "None"  # never answers: NOREPLY negotiated, else CONTINUE; exceptions are panics
 
 
-class Handler(Generic[P, R_co]):
+class Handler(Generic[C, R_co]):
     """A decorated handler: the function plus its stage and converters.
 
     Calling it calls the function unchanged, for unit tests.
     """
 
-    __slots__ = ("__dict__", "convert", "func", "is_async", "returns", "stage")
+    __slots__ = ("__dict__", "blocking", "convert", "func", "is_async", "returns", "stage")
 
     def __init__(
         self,
-        func: Callable[P, R_co],
+        func: Callable[..., R_co],
         stage: Stage,
         is_async: bool,
         returns: Returns,
         convert: Callable[[Any], tuple[object, ...]],
+        blocking: bool = False,
     ) -> None:
         self.func = func
         self.stage = stage
@@ -83,6 +102,8 @@ class Handler(Generic[P, R_co]):
         self.convert = convert
         """Turns the engine's event into the arguments after ``ctx`` (may raise
         UnicodeDecodeError: the stage is then answered TEMPFAIL)."""
+        self.blocking = blocking
+        """A plain ``def`` marked `blocking`: called in a worker thread."""
         self.__dict__.update(getattr(func, "__dict__", {}))
         self.__wrapped__ = func
         self.__name__ = getattr(func, "__name__", repr(func))
@@ -90,15 +111,132 @@ class Handler(Generic[P, R_co]):
         self.__doc__ = func.__doc__
         self.__module__ = getattr(func, "__module__", __name__)
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
-        return self.func(*args, **kwargs)
+    if not TYPE_CHECKING:  # each shape below declares its own typed signature
+
+        def __call__(self, *args, **kwargs):
+            return self.func(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<{self.stage.value} handler {self.__qualname__}>"
 
 
-AnyHandler = Handler[..., object]
+class NegotiateHandler(Handler[C, R_co]):
+    """``on_negotiate``: ``(ctx, actions, opts)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(self, ctx: C, actions: Actions, opts: ProtocolOpts, /) -> R_co: ...
+
+
+class ConnectHandler(Handler[C, R_co], Generic[C, S_co, R_co]):
+    """``on_connect``: ``(ctx, hostname, address)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(
+            self,
+            ctx: C,
+            hostname: S_co,  # type: ignore[misc]  # covariant S_co: see above
+            address: SocketInfo | None,
+            /,
+        ) -> R_co: ...
+
+
+class TextHandler(Handler[C, R_co], Generic[C, S_co, R_co]):
+    """``on_helo``, ``on_unknown``: ``(ctx, text)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(self, ctx: C, text: S_co, /) -> R_co: ...  # type: ignore[misc]
+
+
+class ArgsHandler(Handler[C, R_co], Generic[C, S_co, R_co]):
+    """``on_mail``, ``on_rcpt``: ``(ctx, args)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(self, ctx: C, args: list[S_co], /) -> R_co: ...
+
+
+class HeaderHandler(Handler[C, R_co], Generic[C, S_co, S2_co, R_co]):
+    """``on_header``: ``(ctx, name, value)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(self, ctx: C, name: S_co, value: S2_co, /) -> R_co: ...  # type: ignore[misc]
+
+
+class BodyHandler(Handler[C, R_co]):
+    """``on_body``: ``(ctx, chunk)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(self, ctx: C, chunk: bytes, /) -> R_co: ...
+
+
+class StageHandler(Handler[C, R_co]):
+    """``on_data``, ``on_eoh``, ``on_eom``, ``on_abort``, ``on_close``: ``(ctx)``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __call__(self, ctx: C, /) -> R_co: ...
+
+
+AnyHandler = Handler[Any, object]
 """Any decorated handler (for ``Milter(handlers=[...])``)."""
+
+_SHAPE: dict[Stage, type[Handler[Any, Any]]] = {
+    Stage.NEGOTIATE: NegotiateHandler,
+    Stage.CONNECT: ConnectHandler,
+    Stage.HELO: TextHandler,
+    Stage.MAIL: ArgsHandler,
+    Stage.RCPT: ArgsHandler,
+    Stage.DATA: StageHandler,
+    Stage.HEADER: HeaderHandler,
+    Stage.EOH: StageHandler,
+    Stage.BODY: BodyHandler,
+    Stage.EOM: StageHandler,
+    Stage.ABORT: StageHandler,
+    Stage.CLOSE: StageHandler,
+    Stage.UNKNOWN: TextHandler,
+}
+
+
+def blocking(func: F) -> F:
+    """Run this plain ``def`` handler in a worker thread instead of on the event loop.
+
+    For code ported from pymilter that calls blocking libraries (DNS, LDAP,
+    SQL clients without async support). Decorate under the stage decorator::
+
+        @on_rcpt
+        @blocking
+        def rcpt(ctx: Context[None], args: list[str]) -> Status: ...
+
+    Threads are bounded by the server's ``thread_limit``; the handler
+    deadline still applies (on expiry the command is answered TEMPFAIL and
+    the thread's result is ignored when it comes). In the thread, use only
+    ``ctx.api`` calls that are not ``async`` (macros, ``set_error_reply``)
+    and your own data.
+    """
+    if isinstance(func, Handler):
+        if func.is_async:
+            raise TypeError(f"@blocking: {func.__qualname__} is async; only a plain def can block")
+        marked = type(func)(func.func, func.stage, False, func.returns, func.convert, True)
+        return typing.cast(F, marked)
+    if inspect.iscoroutinefunction(func):
+        raise TypeError(f"@blocking: {_name(func)} is async; only a plain def can block")
+    try:
+        func.__triomilter_blocking__ = True  # type: ignore[attr-defined]
+    except AttributeError:
+        raise TypeError(f"@blocking needs a function, got {func!r}") from None
+    return func
 
 
 # --- annotation reading -------------------------------------------------------
@@ -355,6 +493,10 @@ _PARAMS: dict[Stage, tuple[tuple[str, ...], _Checker]] = {
 }
 
 
+_NO_REPLY_STAGES = frozenset(NOREPLY_STEP) | {Stage.ABORT, Stage.CLOSE}
+"""Stages whose handler may be annotated ``-> None``: the ones that need not answer."""
+
+
 def _returns(func: Callable[..., object], stage: Stage, annotation: object) -> Returns:
     if stage is Stage.NEGOTIATE:
         if annotation == NegotiateResult:
@@ -369,11 +511,17 @@ def _returns(func: Callable[..., object], stage: Stage, annotation: object) -> R
             return Returns.STATUS
         if _is_result_of(annotation, Status):
             return Returns.RESULT
+        if annotation is None and stage in _NO_REPLY_STAGES:
+            return Returns.NONE
         allowed = "Status or Result[Status]"
+        if stage in _NO_REPLY_STAGES:
+            allowed += " or None (never answers)"
+        elif annotation is None:
+            allowed += " (end of message always answers: None is not allowed here)"
     raise _fail(func, stage, f"return annotation is {_describe(annotation)}; allowed: {allowed}")
 
 
-def build_handler(func: Callable[P, R_co], stage: Stage) -> Handler[P, R_co]:
+def build_handler(func: Callable[..., R_co], stage: Stage) -> Handler[Any, R_co]:
     """Check ``func``'s signature for ``stage`` and build its converters."""
     if isinstance(func, Handler):
         raise _fail(func.func, stage, f"is already an @on_{func.stage.value} handler")
@@ -409,85 +557,84 @@ def build_handler(func: Callable[P, R_co], stage: Stage) -> Handler[P, R_co]:
                 func, stage, f"parameter {param.name!r} has no annotation; expected {wanted}"
             )
     convert = check(func, params[1:])
-    if stage in (Stage.ABORT, Stage.CLOSE) and signature.return_annotation is None:
-        returns = Returns.STATUS  # results of abort/close are ignored anyway
-    else:
-        returns = _returns(func, stage, signature.return_annotation)
+    returns = _returns(func, stage, signature.return_annotation)
     is_async = inspect.iscoroutinefunction(func)
-    return Handler(func, stage, is_async, returns, convert)
+    in_thread = bool(getattr(func, "__triomilter_blocking__", False))
+    return _SHAPE[stage](func, stage, is_async, returns, convert, in_thread)
 
 
 # --- the decorators ---------------------------------------------------------------
 # One per stage. Each signature states what mypy must accept: S1/S2 are str or
-# bytes per parameter; R is a Status or Result[Status], or an awaitable of one.
+# bytes per parameter; R is a Status or Result[Status] (or None where a stage
+# may go unanswered), or an awaitable of one.
 
 
 def on_negotiate(
-    func: Callable[[Context[D], Actions, ProtocolOpts], RN],
-) -> Handler[[Context[D], Actions, ProtocolOpts], RN]:
+    func: Callable[[Context[D, M], Actions, ProtocolOpts], RN],
+) -> NegotiateHandler[Context[D, M], RN]:
     """Option negotiation: gets what the MTA offers, returns (status, actions, opts)."""
-    return build_handler(func, Stage.NEGOTIATE)
+    return build_handler(func, Stage.NEGOTIATE)  # type: ignore[return-value]
 
 
 def on_connect(
-    func: Callable[[Context[D], S1, SocketInfo | None], R],
-) -> Handler[[Context[D], S1, SocketInfo | None], R]:
+    func: Callable[[Context[D, M], S1, SocketInfo | None], R],
+) -> ConnectHandler[Context[D, M], S1, R]:
     """SMTP connection: client host name and address (None for an unknown family)."""
-    return build_handler(func, Stage.CONNECT)
+    return build_handler(func, Stage.CONNECT)  # type: ignore[return-value]
 
 
-def on_helo(func: Callable[[Context[D], S1], R]) -> Handler[[Context[D], S1], R]:
+def on_helo(func: Callable[[Context[D, M], S1], R]) -> TextHandler[Context[D, M], S1, R]:
     """HELO/EHLO: the name the client gave."""
-    return build_handler(func, Stage.HELO)
+    return build_handler(func, Stage.HELO)  # type: ignore[return-value]
 
 
-def on_mail(func: Callable[[Context[D], list[S1]], R]) -> Handler[[Context[D], list[S1]], R]:
+def on_mail(func: Callable[[Context[D, M], list[S1]], R]) -> ArgsHandler[Context[D, M], S1, R]:
     """MAIL FROM: ``args[0]`` is the sender (``<a@b>``, ``<>``), the rest ESMTP parameters."""
-    return build_handler(func, Stage.MAIL)
+    return build_handler(func, Stage.MAIL)  # type: ignore[return-value]
 
 
-def on_rcpt(func: Callable[[Context[D], list[S1]], R]) -> Handler[[Context[D], list[S1]], R]:
+def on_rcpt(func: Callable[[Context[D, M], list[S1]], R]) -> ArgsHandler[Context[D, M], S1, R]:
     """RCPT TO, once per recipient: ``args[0]`` is the recipient, the rest ESMTP parameters."""
-    return build_handler(func, Stage.RCPT)
+    return build_handler(func, Stage.RCPT)  # type: ignore[return-value]
 
 
-def on_data(func: Callable[[Context[D]], R]) -> Handler[[Context[D]], R]:
+def on_data(func: Callable[[Context[D, M]], R]) -> StageHandler[Context[D, M], R]:
     """DATA: the content follows."""
-    return build_handler(func, Stage.DATA)
+    return build_handler(func, Stage.DATA)  # type: ignore[return-value]
 
 
 def on_header(
-    func: Callable[[Context[D], S1, S2], R],
-) -> Handler[[Context[D], S1, S2], R]:
+    func: Callable[[Context[D, M], S1, S2], R],
+) -> HeaderHandler[Context[D, M], S1, S2, R]:
     """One header field (folded values keep their bare LF line breaks)."""
-    return build_handler(func, Stage.HEADER)
+    return build_handler(func, Stage.HEADER)  # type: ignore[return-value]
 
 
-def on_eoh(func: Callable[[Context[D]], R]) -> Handler[[Context[D]], R]:
+def on_eoh(func: Callable[[Context[D, M]], R]) -> StageHandler[Context[D, M], R]:
     """End of the headers."""
-    return build_handler(func, Stage.EOH)
+    return build_handler(func, Stage.EOH)  # type: ignore[return-value]
 
 
-def on_body(func: Callable[[Context[D], bytes], R]) -> Handler[[Context[D], bytes], R]:
+def on_body(func: Callable[[Context[D, M], bytes], R]) -> BodyHandler[Context[D, M], R]:
     """One body chunk (bytes, CRLF line endings, at most 64 KiB)."""
-    return build_handler(func, Stage.BODY)
+    return build_handler(func, Stage.BODY)  # type: ignore[return-value]
 
 
-def on_eom(func: Callable[[Context[D]], R]) -> Handler[[Context[D]], R]:
+def on_eom(func: Callable[[Context[D, M]], RE]) -> StageHandler[Context[D, M], RE]:
     """End of message: the only stage where the message may be changed."""
-    return build_handler(func, Stage.EOM)
+    return build_handler(func, Stage.EOM)  # type: ignore[return-value]
 
 
-def on_abort(func: Callable[[Context[D]], RA]) -> Handler[[Context[D]], RA]:
+def on_abort(func: Callable[[Context[D, M]], R]) -> StageHandler[Context[D, M], R]:
     """The MTA abandoned the current message; the result is ignored."""
-    return build_handler(func, Stage.ABORT)
+    return build_handler(func, Stage.ABORT)  # type: ignore[return-value]
 
 
-def on_close(func: Callable[[Context[D]], RA]) -> Handler[[Context[D]], RA]:
+def on_close(func: Callable[[Context[D, M]], R]) -> StageHandler[Context[D, M], R]:
     """The MTA connection ends (once per connection); the result is ignored."""
-    return build_handler(func, Stage.CLOSE)
+    return build_handler(func, Stage.CLOSE)  # type: ignore[return-value]
 
 
-def on_unknown(func: Callable[[Context[D], S1], R]) -> Handler[[Context[D], S1], R]:
+def on_unknown(func: Callable[[Context[D, M], S1], R]) -> TextHandler[Context[D, M], S1, R]:
     """An SMTP command the MTA does not know (it is rejected anyway)."""
-    return build_handler(func, Stage.UNKNOWN)
+    return build_handler(func, Stage.UNKNOWN)  # type: ignore[return-value]

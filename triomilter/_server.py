@@ -1,7 +1,8 @@
-"""`serve()`: the Trio server running a `Milter` (SPEC §2.1 panics, §2.4, §3).
+"""`serve_listener()` and `serve()`: the Trio server running a `Milter` (SPEC §2.1, §2.4, §3).
 
 One nursery per connection runs the dispatcher on the socket stream; this
-module knows sockets, limits, signals and shutdown, and no packet layouts.
+module knows listeners, limits, signals and shutdown, and no packet layouts.
+``serve`` is ``open_listener`` + ``serve_listener``, like trio's ``serve_tcp``.
 """
 
 from __future__ import annotations
@@ -10,175 +11,176 @@ import contextlib
 import errno
 import itertools
 import logging
-import math
 import os
+import resource
 import signal
 import socket as stdsocket
 import threading
+from typing import Any
 
+import attrs
 import trio
+from typing_extensions import Unpack
 
-from ._dispatch import Tripwire, handle_connection
-from ._errors import MilterPanic
+from ._errors import ForcedShutdown, MilterPanic
 from ._milter import Milter
-from ._sockets import SocketSpec, describe_address, open_listener, parse_socket_spec
-from .protocol import MAX_DATA_SIZE
+from ._options import Limits, ServerOptions, ServerOptionsKwargs
+from ._session import ServerState, refuse_connection, serve_connection
+from ._sockets import describe_address, open_listener, parse_socket_spec
 
 log = logging.getLogger("triomilter")
 
 # Errors that mean "out of resources, try again later" (trio's serve_listeners).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY_DELAY = 0.1
+_REFUSING_AT_ONCE = 64
+"""Over-limit connections answered at the same time; beyond, they are closed at once."""
+_SPARE_DESCRIPTORS = 64
+"""Descriptors kept beside the connections (listener, threads' pipes, logs...)."""
 
 
-async def serve(
-    milter: Milter,
-    socket: str,
+async def serve_listener(
+    milter: Milter[Any, Any],
+    listener: trio.abc.Listener[trio.abc.Stream],
+    options: ServerOptions | None = None,
     *,
     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
-    io_timeout: float = 7210.0,
-    max_connections: int = 1000,
-    backlog: int | None = None,
-    max_data_size: int = MAX_DATA_SIZE,
-    remove_stale_socket: bool = True,
-    socket_mode: int | None = None,
-    shutdown_grace: float = 30.0,
-    panic_grace: float = 1.0,
-    handle_signals: bool = True,
     shutdown: trio.Event | None = None,
-    reuse_port: bool = False,
 ) -> None:
-    """Serve ``milter`` on ``socket`` (``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:/path``).
+    """Serve ``milter`` on an already open ``listener`` until cancelled, shut down or a panic.
 
-    Runs until cancelled, shut down, or a handler panics. With
-    ``nursery.start(serve, ...)`` the bound address is reported (a
-    ``(host, port)`` tuple for inet, ``(host, port, flowinfo, scope_id)`` for
-    inet6, the path for unix), so port 0 works.
-
-    Options: ``io_timeout`` (seconds to wait for a command or a write, libmilter's
-    7210 s default); ``max_connections`` (excess connections wait in the listen
-    backlog); ``backlog``; ``max_data_size`` (largest packet accepted);
-    ``remove_stale_socket`` and ``socket_mode`` for UNIX sockets;
-    ``reuse_port`` (SO_REUSEPORT, for several processes on one address).
+    For a listener opened elsewhere: by systemd (socket activation), by a
+    parent process (descriptor passing), by a test. With
+    ``nursery.start(serve_listener, ...)`` the bound address is reported (the
+    ``getsockname()`` of a `trio.SocketListener`, else None). ``options``
+    are the server's `ServerOptions` (the defaults if None).
 
     Shutdown:
 
-    - Graceful: on SIGTERM/SIGINT (when ``handle_signals`` and running in the
-      main thread) or when the ``shutdown`` event is set: stop accepting, answer
-      new messages TEMPFAIL, let connections finish the message they are in for
-      up to ``shutdown_grace`` seconds, then cancel every connection and
-      return. A second signal cancels at once.
+    - Graceful: on SIGTERM/SIGINT (when ``options.handle_signals`` and
+      running in the main thread) or when ``shutdown`` is set: stop
+      accepting, answer new messages TEMPFAIL, let connections finish the
+      message they are in for up to ``shutdown_grace`` seconds, then cancel
+      every connection and return. A second signal stops at once and raises
+      `ForcedShutdown`.
     - Panic (SPEC §2.1): the panicking command is answered TEMPFAIL; from then
       on no handler runs and every owed reply is TEMPFAIL; the listener
       closes; handlers still running get up to ``panic_grace`` seconds; then
       every connection is cancelled and `MilterPanic` is raised with the
       handler's exception as ``__cause__``. ``on_abort``/``on_close`` do not run.
-    - Cancellation from outside stops at once: connections are closed, the
-      UNIX socket file is removed.
+    - Cancellation from outside stops at once.
+
+    Resource handling: the listener is ours once passed in and is closed
+    when accepting stops (so that a successor can bind the address at once).
+    ``max_connections`` connections are served at once; one more is still
+    accepted, answered TEMPFAIL at connect and closed (a rate-limited
+    warning says so), so the MTA never waits on a silent socket. The soft
+    limit of open files is raised to fit ``max_connections`` if the hard
+    limit allows, else a warning says how many fit.
 
     Error handling: a connection's protocol error, timeout or disconnect ends
     that connection only (after ``on_abort``/``on_close``) with one log line;
-    accept errors meaning "out of file descriptors or memory" are logged and
-    retried after 100 ms; other accept errors propagate. Bad socket specs
-    raise ``SocketSpecError`` (a ``ValueError``) before anything is bound.
+    accept errors meaning "out of file descriptors or memory" are logged once
+    per episode and retried every 100 ms; other accept errors propagate.
     """
+    options = options if options is not None else ServerOptions()
+    _fit_descriptors(options.max_connections)
+    server = _Server(milter, listener, options)
+    await server.run(task_status, shutdown)
+    if server.state.panic is not None:
+        raise MilterPanic(
+            f"milter {milter.name!r} shut down after a handler panicked: {server.state.panic!r}"
+        ) from server.state.panic
+    if server.forced is not None:
+        raise ForcedShutdown(server.forced)
+
+
+async def serve(
+    milter: Milter[Any, Any],
+    socket: str,
+    options: ServerOptions | None = None,
+    *,
+    task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+    shutdown: trio.Event | None = None,
+    **overrides: Unpack[ServerOptionsKwargs],
+) -> None:
+    """Serve ``milter`` on ``socket`` (``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:/path``).
+
+    ``serve_listener`` on a listener opened from the spec: see it for the
+    shutdown, panic and error semantics. Options are a `ServerOptions`, or
+    its fields as keyword arguments (``io_timeout=60``), which override
+    ``options``. With ``nursery.start(serve, ...)`` the bound address is
+    reported (a ``(host, port)`` tuple for inet, ``(host, port, flowinfo,
+    scope_id)`` for inet6, the path for unix), so port 0 works.
+
+    Bad socket specs raise ``SocketSpecError`` (a ``ValueError``) and bad
+    options ``ValueError``/``TypeError``, before anything is bound. A UNIX
+    socket file is removed on exit if it is still ours (a successor may have
+    replaced it while we drained).
+    """
+    options = options if options is not None else ServerOptions()
+    if overrides:
+        options = attrs.evolve(options, **overrides)
     spec = parse_socket_spec(socket)
-    if max_connections < 1:
-        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-    for name, value in (
-        ("io_timeout", io_timeout),
-        ("shutdown_grace", shutdown_grace),
-        ("panic_grace", panic_grace),
-    ):
-        if math.isnan(value) or value < 0 or (name == "io_timeout" and value == 0):
-            raise ValueError(f"{name} must be positive, got {value}")
-    if max_data_size < 65535:
-        raise ValueError(f"max_data_size must be at least 65535, got {max_data_size}")
     listener = await open_listener(
         spec,
-        backlog=backlog,
-        reuse_port=reuse_port,
-        remove_stale_socket=remove_stale_socket,
-        socket_mode=socket_mode,
+        backlog=options.backlog,
+        reuse_port=options.reuse_port,
+        remove_stale_socket=options.remove_stale_socket,
+        socket_mode=options.socket_mode,
     )
-    # Our socket file, to remove on exit only if it is still ours: a successor
-    # may have replaced it while we drained (a restart).
-    socket_file = _file_id(spec.path) if spec.family == "unix" else None
-    server = _Server(
-        milter,
-        spec,
-        listener,
-        io_timeout=io_timeout,
-        max_connections=max_connections,
-        max_data_size=max_data_size,
-        shutdown_grace=shutdown_grace,
-        panic_grace=panic_grace,
-    )
+    socket_file = _file_id(spec.path) if spec.path else None
     try:
-        await server.run(task_status, handle_signals, shutdown)
+        await serve_listener(milter, listener, options, task_status=task_status, shutdown=shutdown)
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
         if socket_file is not None and _file_id(spec.path) == socket_file:
             with contextlib.suppress(OSError):
                 os.unlink(spec.path)
-    if server.tripwire.panic is not None:
-        raise MilterPanic(
-            f"milter {milter.name!r} shut down after a handler panicked: {server.tripwire.panic!r}"
-        ) from server.tripwire.panic
 
 
 class _Server:
     def __init__(
         self,
-        milter: Milter,
-        spec: SocketSpec,
-        listener: trio.SocketListener,
-        *,
-        io_timeout: float,
-        max_connections: int,
-        max_data_size: int,
-        shutdown_grace: float,
-        panic_grace: float,
+        milter: Milter[Any, Any],
+        listener: trio.abc.Listener[trio.abc.Stream],
+        options: ServerOptions,
     ) -> None:
         self.milter = milter
-        self.spec = spec
         self.listener = listener
-        self.io_timeout = io_timeout
-        self.max_data_size = max_data_size
-        self.shutdown_grace = shutdown_grace
-        self.panic_grace = panic_grace
-        self.slots = trio.Semaphore(max_connections)
+        self.options = options
+        self.limits: Limits = options.limits_for(milter)
         self.panicked = trio.Event()
-        self.tripwire = Tripwire(on_panic=lambda exc: self.panicked.set())
-        self.tripwire.watched = True  # one task checks every connection's I/O timeout
+        self.state = ServerState(
+            on_panic=lambda exc: self.panicked.set(), thread_limit=options.thread_limit
+        )
+        self.state.watched = True  # one task checks every connection's I/O deadline
         self.accepting = trio.CancelScope()
         self.root: trio.Nursery | None = None
         self.stopping = False
+        self.forced: int | None = None
+        self.open_connections = 0
+        self.refusing = 0
+        self.refused = 0  # over the limit, in this episode
         self._ids = itertools.count(1)
 
-    async def run(
-        self,
-        task_status: trio.TaskStatus[object],
-        handle_signals: bool,
-        shutdown: trio.Event | None,
-    ) -> None:
-        address = self.listener.socket.getsockname()
+    async def run(self, task_status: trio.TaskStatus[object], shutdown: trio.Event | None) -> None:
+        address = _address_of(self.listener)
         try:
             async with trio.open_nursery() as root:
                 self.root = root
                 root.start_soon(self._accept_loop)
                 root.start_soon(self._after_panic)
                 root.start_soon(self._watch_io)
-                if handle_signals and threading.current_thread() is threading.main_thread():
+                if (
+                    self.options.handle_signals
+                    and threading.current_thread() is threading.main_thread()
+                ):
                     await root.start(self._watch_signals)
                 if shutdown is not None:
                     root.start_soon(self._watch_event, shutdown)
-                log.info(
-                    "milter %r serving on %s",
-                    self.milter.name,
-                    describe_address(address, self.spec),
-                )
+                log.info("milter %r serving on %s", self.milter.name, describe_address(address))
                 task_status.started(address)
         except BaseExceptionGroup as group:
             # One failure (an accept error, say) is raised as itself, as documented.
@@ -193,58 +195,94 @@ class _Server:
 
     async def _accept_loop(self) -> None:
         assert self.root is not None
+        failed = 0
+        since = 0.0
         with self.accepting:
             while True:
-                await self.slots.acquire()
                 try:
                     stream = await self.listener.accept()
                 except OSError as exc:
-                    self.slots.release()
-                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    if not failed:
+                        since = trio.current_time()
                         log.error(
-                            "accept failed (%s), retrying in %.1f s",
+                            "accept failed (%s); retrying every %.1f s until it works",
                             os.strerror(exc.errno or 0),
                             _ACCEPT_RETRY_DELAY,
                         )
-                        await trio.sleep(_ACCEPT_RETRY_DELAY)
-                        continue
-                    raise
-                except BaseException:
-                    self.slots.release()
-                    raise
-                self.root.start_soon(self._connection, stream, f"#{next(self._ids)}")
+                    failed += 1
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    continue
+                if failed:
+                    log.warning(
+                        "accepting again after %d failed attempt(s) over %.1f s",
+                        failed,
+                        trio.current_time() - since,
+                    )
+                    failed = 0
+                connection_id = f"#{next(self._ids)}"
+                if self.open_connections >= self.options.max_connections:
+                    self._refuse(stream, connection_id)
+                    continue
+                self.open_connections += 1
+                self.root.start_soon(self._connection, stream, connection_id)
         # Stopped accepting: free the address for a restarted server at once.
-        await self.listener.aclose()
+        with trio.CancelScope(shield=True):
+            await self.listener.aclose()
 
-    async def _connection(self, stream: trio.SocketStream, connection_id: str) -> None:
+    async def _connection(self, stream: trio.abc.Stream, connection_id: str) -> None:
         try:
-            if self.spec.family != "unix":
+            if isinstance(stream, trio.SocketStream) and stream.socket.family != stdsocket.AF_UNIX:
                 # Trio sets it already; the latency of every reply depends on it.
                 # A peer that already reset the connection makes it fail (EINVAL
                 # on macOS): that must not escape and stop the server.
                 with contextlib.suppress(OSError):
                     stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
-                log.debug("[%s] connection from %s", connection_id, _peer(stream))
-            await handle_connection(
-                self.milter,
-                stream,
-                tripwire=self.tripwire,
-                connection_id=connection_id,
-                io_timeout=self.io_timeout,
-                max_data_size=self.max_data_size,
-            )
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("[%s] connection from %s", connection_id, _peer(stream))
+            await serve_connection(self.milter, stream, self.state, self.limits, connection_id)
         finally:
-            self.slots.release()
+            self.open_connections -= 1
+            if self.refused and self.open_connections < self.options.max_connections:
+                log.info(
+                    "below the connection limit again; %d connection(s) were answered TEMPFAIL",
+                    self.refused,
+                )
+                self.refused = 0
+
+    def _refuse(self, stream: trio.abc.Stream, connection_id: str) -> None:
+        """No room for ``stream``: answer it TEMPFAIL (or close it), and say so once."""
+        assert self.root is not None
+        if not self.refused:
+            log.warning(
+                "connection limit of %d reached (--max-connections): new MTA connections "
+                "are answered TEMPFAIL until one ends",
+                self.options.max_connections,
+            )
+        self.refused += 1
+        if self.refusing >= _REFUSING_AT_ONCE:
+            self.root.start_soon(_close, stream)
+            return
+        self.refusing += 1
+        self.root.start_soon(self._refusal, stream, connection_id)
+
+    async def _refusal(self, stream: trio.abc.Stream, connection_id: str) -> None:
+        try:
+            await refuse_connection(stream, connection_id)
+        finally:
+            self.refusing -= 1
 
     async def _watch_io(self) -> None:
-        """The I/O timeout of every connection, from one task (a task per
+        """The I/O deadline of every connection, from one task (a task per
         connection would cost memory on every idle connection)."""
-        period = self.io_timeout / 4
-        sessions = self.tripwire.sessions
+        period = self.limits.io_timeout / 20
+        sessions = self.state.sessions
         while True:
             await trio.sleep(period)
+            now = trio.current_time()
             for session in list(sessions):
-                session.io_stalled(period)
+                session.io.check(session.transport, session.conn, now)
 
     # --- shutting down ---------------------------------------------------------------
 
@@ -255,12 +293,10 @@ class _Server:
     async def _after_panic(self) -> None:
         await self.panicked.wait()
         self.accepting.cancel()
-        log.critical(
-            "a handler panicked: stopping (grace %.1f s for running handlers)", self.panic_grace
-        )
-        with trio.move_on_after(self.panic_grace):
-            while self.tripwire.busy:
-                await trio.sleep(0.01)
+        grace = self.options.panic_grace
+        log.critical("a handler panicked: stopping (grace %.1f s for running handlers)", grace)
+        with trio.move_on_after(grace):
+            await self.state.wait_for_calls()
         self._cancel_all()
 
     async def _drain(self) -> None:
@@ -269,20 +305,18 @@ class _Server:
             return
         self.stopping = True
         self.accepting.cancel()
-        self.tripwire.draining = True
-        in_flight = self.tripwire.messages_in_flight
+        grace = self.options.shutdown_grace
         log.info(
             "shutting down: %d message(s) in flight, up to %.1f s grace",
-            in_flight,
-            self.shutdown_grace,
+            self.state.messages_in_flight,
+            grace,
         )
-        with trio.move_on_after(self.shutdown_grace) as scope:
-            while self.tripwire.messages_in_flight:
-                await trio.sleep(0.02)
+        with trio.move_on_after(grace) as scope:
+            await self.state.drain()
         if scope.cancelled_caught:
             log.warning(
                 "shutdown grace over with %d message(s) still in flight; closing",
-                self.tripwire.messages_in_flight,
+                self.state.messages_in_flight,
             )
         self._cancel_all()
 
@@ -295,6 +329,7 @@ class _Server:
                 name = signal.Signals(signum).name
                 if self.stopping:
                     log.warning("%s again: stopping now", name)
+                    self.forced = signum
                     self._cancel_all()
                     return
                 log.info("%s received", name)
@@ -304,6 +339,39 @@ class _Server:
     async def _watch_event(self, shutdown: trio.Event) -> None:
         await shutdown.wait()
         await self._drain()
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        await stream.aclose()
+
+
+def _fit_descriptors(max_connections: int) -> None:
+    """Raise the soft limit of open files to fit the connections, if the hard one allows."""
+    needed = max_connections + _SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if wanted > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    if soft < needed:
+        log.warning(
+            "only %d open files allowed (RLIMIT_NOFILE, hard limit %s): about %d connections "
+            "fit, fewer than --max-connections %d; raise LimitNOFILE / ulimit -n",
+            soft,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+            max(soft - _SPARE_DESCRIPTORS, 0),
+            max_connections,
+        )
+
+
+def _address_of(listener: trio.abc.Listener[trio.abc.Stream]) -> object:
+    if isinstance(listener, trio.SocketListener):
+        return listener.socket.getsockname()
+    return None
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
@@ -321,4 +389,4 @@ def _peer(stream: trio.SocketStream) -> object:
         return "?"
 
 
-__all__ = ["serve"]
+__all__ = ["serve", "serve_listener"]

@@ -11,6 +11,8 @@ import stat
 import attrs
 import trio
 
+from ._context import SocketFamily
+
 
 class SocketSpecError(ValueError):
     """A socket spec that cannot be used, with the reason."""
@@ -18,22 +20,27 @@ class SocketSpecError(ValueError):
 
 @attrs.frozen
 class SocketSpec:
-    """A parsed socket spec: ``family`` is ``inet``, ``inet6`` or ``unix``."""
+    """A parsed socket spec: a TCP ``host`` and ``port``, or a UNIX socket ``path``."""
 
-    family: str
+    family: SocketFamily
     host: str = ""
     port: int = 0
     path: str = ""
 
     def __str__(self) -> str:
-        if self.family == "unix":
+        if self.family is SocketFamily.UNIX:
             return f"unix:{self.path}"
         return (
             f"{self.family}:{self.port}@{self.host}" if self.host else f"{self.family}:{self.port}"
         )
 
 
-_ALIASES = {"inet": "inet", "inet6": "inet6", "unix": "unix", "local": "unix"}
+_ALIASES = {
+    "inet": SocketFamily.INET,
+    "inet6": SocketFamily.INET6,
+    "unix": SocketFamily.UNIX,
+    "local": SocketFamily.UNIX,
+}
 
 
 def parse_socket_spec(spec: str) -> SocketSpec:
@@ -41,8 +48,10 @@ def parse_socket_spec(spec: str) -> SocketSpec:
 
     ``inet:PORT[@HOST]``, ``inet6:PORT[@HOST]``, ``unix:PATH`` or ``local:PATH``;
     a spec without ``proto:`` is a UNIX socket path. Protocol names are
-    case-insensitive; PORT is a number or a service name; without HOST every
-    address is bound. Raises `SocketSpecError` with the reason.
+    case-insensitive; PORT is a number or a service name; HOST may be in
+    brackets (``inet:8894@[127.0.0.1]``, ``inet6:8894@[::1]``, as libmilter
+    accepts); without HOST every address is bound. Raises `SocketSpecError`
+    with the reason.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SocketSpecError(f"empty socket spec {spec!r}: use inet:PORT@HOST or unix:/path")
@@ -57,15 +66,15 @@ def parse_socket_spec(spec: str) -> SocketSpec:
         raise SocketSpecError(
             f"unknown protocol {proto!r} in socket spec {spec!r}: use inet, inet6, unix or local"
         )
-    if family == "unix":
+    if family is SocketFamily.UNIX:
         return _unix(spec, rest)
     port_text, at, host = rest.partition("@")
     if not port_text:
         raise SocketSpecError(f"socket spec {spec!r} has no port: use {family}:PORT@HOST")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if at and not host:
         raise SocketSpecError(f"socket spec {spec!r} has '@' but no host")
-    if family == "inet6" and host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     return SocketSpec(family, host, _port(spec, port_text))
 
 
@@ -76,7 +85,7 @@ def _unix(spec: str, path: str) -> SocketSpec:
         raise SocketSpecError(f"socket spec {spec!r}: the path contains a NUL byte")
     if len(os.fsencode(path)) > 107:
         raise SocketSpecError(f"socket spec {spec!r}: UNIX socket paths are limited to 107 bytes")
-    return SocketSpec("unix", path=path)
+    return SocketSpec(SocketFamily.UNIX, path=path)
 
 
 def _port(spec: str, text: str) -> int:
@@ -104,9 +113,9 @@ async def open_listener(
 ) -> trio.SocketListener:
     """Bind and listen on ``spec``; the caller closes the listener (and the UNIX path)."""
     backlog = backlog if backlog is not None else stdsocket.SOMAXCONN
-    if spec.family == "unix":
+    if spec.family is SocketFamily.UNIX:
         return await _open_unix(spec.path, backlog, remove_stale_socket, socket_mode)
-    family = stdsocket.AF_INET6 if spec.family == "inet6" else stdsocket.AF_INET
+    family = stdsocket.AF_INET6 if spec.family is SocketFamily.INET6 else stdsocket.AF_INET
     host = spec.host or ("::" if family == stdsocket.AF_INET6 else "0.0.0.0")
     try:
         infos = await trio.socket.getaddrinfo(
@@ -167,10 +176,36 @@ async def _socket_alive(path: str) -> bool:
         probe.close()
 
 
-def describe_address(address: object, spec: SocketSpec) -> str:
-    """A bound address as a socket spec (what MTAs are configured with)."""
-    if spec.family == "unix":
-        return f"unix:{spec.path}"
-    if isinstance(address, tuple):
-        return f"{spec.family}:{address[1]}@{address[0]}"
-    return str(address)
+def describe_address(address: object) -> str:
+    """A bound address (``getsockname()``) as a socket spec, as MTAs are configured with."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        family = SocketFamily.INET6 if ":" in str(host) else SocketFamily.INET
+        return f"{family}:{port}@{host}"
+    if isinstance(address, bytes):
+        address = os.fsdecode(address)
+    if isinstance(address, str) and address:
+        return f"unix:{address}"
+    return "an open listener"
+
+
+def listener_from_fd(fd: int) -> trio.SocketListener:
+    """A listener on a socket that is already open and listening, by descriptor.
+
+    For a socket inherited from a parent process (``--workers``) or passed by
+    systemd (socket activation). Raises `SocketSpecError` if ``fd`` is not a
+    listening stream socket.
+    """
+    try:
+        sock = stdsocket.socket(fileno=fd)
+    except OSError as exc:
+        raise SocketSpecError(f"fd:{fd} is not an open socket: {exc.strerror or exc}") from None
+    try:
+        if sock.type != stdsocket.SOCK_STREAM:
+            raise SocketSpecError(f"fd:{fd} is not a stream socket")
+        if not sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ACCEPTCONN):
+            raise SocketSpecError(f"fd:{fd} is not listening")
+    except SocketSpecError:
+        sock.detach()  # not ours to close
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))

@@ -8,6 +8,8 @@ from typing import Generic, TypeVar
 import attrs
 from typing_extensions import TypeAliasType
 
+from .protocol import ACCEPT, CONTINUE, DISCARD, REJECT, SKIP, TEMPFAIL, Reply, ReplyWithCode
+
 T = TypeVar("T")
 
 
@@ -67,3 +69,35 @@ Result = TypeAliasType("Result", Ok[T] | Err, type_params=(T,))
 In a handler annotated ``-> Result[Status]`` a raised `MilterError` counts as
 ``Err`` (like Rust's ``?``); any other exception is a panic.
 """
+
+
+# --- what a status says on the wire --------------------------------------------
+
+_SIMPLE_REPLIES: dict[Status, Reply] = {
+    Status.CONTINUE: CONTINUE,
+    Status.ACCEPT: ACCEPT,
+    Status.DISCARD: DISCARD,
+    Status.SKIP: SKIP,
+}
+
+
+def reply_for(
+    status: Status, error_reply: bytes | None, *, faked_noreply: bool = False
+) -> Reply | None:
+    """The reply ``status`` stands for, or None if it stands for none here.
+
+    REJECT and TEMPFAIL carry the handler's custom SMTP reply when its class
+    matches (5xx, 4xx), as libmilter does. NOREPLY is CONTINUE where the MTA
+    could not skip the reply (``faked_noreply``: libmilter fakes it too).
+    Whether the reply suits the command is the engine's to check.
+    """
+    reply = _SIMPLE_REPLIES.get(status)
+    if reply is not None:
+        return reply
+    if status is Status.REJECT:
+        return ReplyWithCode(error_reply) if error_reply and error_reply[:1] == b"5" else REJECT
+    if status is Status.TEMPFAIL:
+        return ReplyWithCode(error_reply) if error_reply and error_reply[:1] == b"4" else TEMPFAIL
+    if status is Status.NOREPLY and faked_noreply:
+        return CONTINUE
+    return None

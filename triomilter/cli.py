@@ -1,12 +1,15 @@
 """The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC``.
 
-MODULE is an importable module name or a path to a ``.py`` file. ATTR names a
-`Milter` object in it; without ATTR the module's ``milter`` attribute (or its
-only `Milter` object) is used, else a `Milter` is built from the module's
-decorated handlers (``Milter.from_module``).
+MODULE is an importable module name or a path to a ``.py`` file (imported
+like ``python FILE`` runs it: its directory comes first on ``sys.path``).
+ATTR names a `Milter` object in it; without ATTR the module's ``milter``
+attribute (or its only `Milter` object) is used, else a `Milter` is built
+from the module's decorated handlers (``Milter.from_module``).
 
 Exit status: 0 after a shutdown, 1 when the milter cannot start, 2 for
-usage errors, 70 (EX_SOFTWARE) after a handler panic.
+usage errors (a milter that cannot be loaded included), 70 (EX_SOFTWARE)
+after a handler panic, 128 + the signal number after a forced stop (a
+second SIGTERM: 143, SIGINT: 130).
 """
 
 from __future__ import annotations
@@ -16,26 +19,25 @@ import importlib
 import importlib.util
 import logging
 import os
-import signal
-import socket as stdsocket
-import subprocess
 import sys
-import time
+import traceback
 import types
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from ._errors import MilterPanic
+from ._errors import ForcedShutdown, MilterPanic
 from ._milter import Milter
-from ._server import serve
-from ._sockets import SocketSpecError, parse_socket_spec
+from ._options import ServerOptions
+from ._sockets import SocketSpecError, listener_from_fd, parse_socket_spec
 
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PANIC = 70
+EXIT_SIGNAL_BASE = 128
 
 log = logging.getLogger("triomilter")
 
@@ -44,7 +46,7 @@ class LoadError(Exception):
     """The milter named on the command line cannot be loaded."""
 
 
-def load_milter(target: str) -> Milter:
+def load_milter(target: str) -> Milter[Any, Any]:
     """Load ``MODULE[:ATTR]`` as described in the module docstring."""
     module_name, _, attr = target.partition(":")
     if target.count(":") > 1 or not module_name:
@@ -71,7 +73,10 @@ def load_milter(target: str) -> Milter:
         return milters[0]
     if len(milters) > 1:
         raise LoadError(f"module {module.__name__!r} has several Milter objects: name one")
-    milter = Milter.from_module(module)
+    try:
+        milter = Milter.from_module(module)
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"module {module.__name__!r}: {exc}") from exc
     if not milter.handlers:
         raise LoadError(f"module {module.__name__!r} has no Milter and no decorated handlers")
     return milter
@@ -79,16 +84,7 @@ def load_milter(target: str) -> Milter:
 
 def _import(name: str) -> types.ModuleType:
     if name.endswith(".py") or os.sep in name:
-        path = Path(name)
-        if not path.is_file():
-            raise LoadError(f"no such file: {name}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None:
-            raise LoadError(f"cannot import {name}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-        return module
+        return _import_file(Path(name))
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules beside us import
     try:
@@ -96,7 +92,68 @@ def _import(name: str) -> types.ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and name.startswith(exc.name):
             raise LoadError(f"no module named {name!r}") from None
-        raise
+        raise LoadError(f"cannot import {name}: {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise LoadError(f"cannot import {name}: {_one_line(exc)}") from exc
+
+
+def _import_file(path: Path) -> types.ModuleType:
+    if not path.is_file():
+        raise LoadError(f"no such file: {path}")
+    # Like `python FILE`: the file's directory first, so its sibling modules import.
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise LoadError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[path.stem]
+        raise LoadError(f"cannot load {path}: {_one_line(exc)}") from exc
+    return module
+
+
+def _one_line(exc: BaseException) -> str:
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        where = f" ({Path(last.filename).name}, line {last.lineno})"
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({Path(exc.filename).name}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+# --- the parser ---------------------------------------------------------------------
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per `ServerOptions` field that has one: the fields are the source."""
+    group = parser.add_argument_group("server options")
+    for field, meta in ServerOptions.flags():
+        if isinstance(field.default, bool):
+            # The flag sets the non-default value (--keep-stale-socket).
+            group.add_argument(
+                meta["flag"],
+                dest=field.name,
+                action="store_const",
+                const=not field.default,
+                default=field.default,
+                help=meta["help"],
+            )
+        else:
+            group.add_argument(
+                meta["flag"],
+                dest=field.name,
+                type=meta["parse"],
+                default=field.default,
+                metavar=field.name.upper() if meta["parse"] is not float else "SECONDS",
+                help=meta["help"],
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,178 +162,102 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("serve", help="run a milter")
     run.add_argument("target", metavar="MODULE[:ATTR]", help="the milter to run")
     run.add_argument(
-        "--socket", "-s", required=True, help="inet:PORT@HOST, inet6:PORT@HOST or unix:/path"
+        "--socket",
+        "-s",
+        required=True,
+        help="inet:PORT@HOST, inet6:PORT@HOST, unix:/path, or fd:N (an open listening socket)",
     )
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    run.add_argument("--workers", type=int, default=1, help="processes on one inet address")
-    run.add_argument("--io-timeout", type=float, default=7210.0, help="seconds (7210)")
-    run.add_argument("--max-connections", type=int, default=1000)
-    run.add_argument("--backlog", type=int, default=None)
-    run.add_argument("--max-data-size", type=int, default=65535)
-    run.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds (30)")
-    run.add_argument("--panic-grace", type=float, default=1.0, help="seconds (1)")
     run.add_argument(
-        "--socket-mode",
-        type=lambda text: int(text, 8),
-        default=None,
-        help="octal mode of a UNIX socket, e.g. 660",
+        "--workers", type=int, default=1, help="processes sharing the listening socket (1)"
     )
-    run.add_argument(
-        "--keep-stale-socket",
-        action="store_true",
-        help="fail instead of removing a stale UNIX socket file",
-    )
-    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    _add_server_options(run)
     check = commands.add_parser("check", help="load a milter and show its configuration")
     check.add_argument("target", metavar="MODULE[:ATTR]")
+    check.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return parser
+
+
+def _options(args: argparse.Namespace) -> ServerOptions:
+    fields = {field.name: getattr(args, field.name) for field, _ in ServerOptions.flags()}
+    return ServerOptions(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = logging.INFO
-    if "log_level" in args:
-        named = logging.getLevelName(str(args.log_level).upper())
-        if not isinstance(named, int):
-            print(f"triomilter: unknown log level {args.log_level!r}", file=sys.stderr)
-            return EXIT_USAGE
-        level = named
+    named = logging.getLevelName(str(args.log_level).upper())
+    if not isinstance(named, int):
+        print(f"triomilter: unknown log level {args.log_level!r}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
-        level=level,
+        level=named,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     try:
         milter = load_milter(args.target)
     except LoadError as exc:
         print(f"triomilter: {exc}", file=sys.stderr)
+        if named <= logging.DEBUG and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
-        print(f"milter {milter.name!r}")
-        print(f"  handlers: {', '.join(stage.value for stage in milter.handlers)}")
-        print(f"  actions: {milter.actions!r}")
-        print(f"  protocol options: {milter.protocol_opts!r} (+ {milter.unhandled_steps!r})")
-        return 0
+        return _check(milter)
     try:
-        spec = parse_socket_spec(args.socket)
-    except SocketSpecError as exc:
+        options = _options(args)
+    except (TypeError, ValueError) as exc:
         print(f"triomilter: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.workers < 1:
         print("triomilter: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    if args.workers > 1:
-        if spec.family == "unix":
-            print("triomilter: --workers needs an inet or inet6 socket", file=sys.stderr)
-            return EXIT_USAGE
-        return _run_workers(args, spec.family, spec.host, spec.port)
-    options = dict(
-        io_timeout=args.io_timeout,
-        max_connections=args.max_connections,
-        backlog=args.backlog,
-        max_data_size=args.max_data_size,
-        shutdown_grace=args.shutdown_grace,
-        panic_grace=args.panic_grace,
-        socket_mode=args.socket_mode,
-        remove_stale_socket=not args.keep_stale_socket,
-        reuse_port=args.reuse_port,
-    )
+    fd = _fd_spec(args.socket)
     try:
-        trio.run(partial(serve, milter, args.socket, **options))
+        spec = parse_socket_spec(args.socket) if fd is None else None
+    except SocketSpecError as exc:
+        print(f"triomilter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.workers > 1:
+        from ._workers import run_workers
+
+        return run_workers(args.target, args.socket, options, args.workers, args.log_level)
+    try:
+        if fd is not None:
+            trio.run(partial(_serve_fd, milter, fd, options))
+        else:
+            from ._server import serve
+
+            trio.run(partial(serve, milter, str(spec), options))
     except MilterPanic as exc:
         log.critical("%s", exc)
         return EXIT_PANIC
+    except ForcedShutdown as exc:
+        return EXIT_SIGNAL_BASE + exc.signal
     except (SocketSpecError, ValueError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         return EXIT_START_FAILED
     return 0
 
 
-def _run_workers(args: argparse.Namespace, family: str, host: str, port: int) -> int:
-    """Run ``args.workers`` processes sharing one address through SO_REUSEPORT.
+def _fd_spec(socket: str) -> int | None:
+    """The descriptor of ``fd:N``, or None for any other spec."""
+    kind, sep, number = socket.partition(":")
+    if sep and kind.lower() == "fd" and number.isdigit():
+        return int(number)
+    return None
 
-    A panic in one worker stops them all (exit 70); SIGTERM/SIGINT drain them all.
-    """
-    holder = None
-    if port == 0:
-        # Pick the port once, and hold it until every worker has bound it.
-        holder = stdsocket.socket(
-            stdsocket.AF_INET6 if family == "inet6" else stdsocket.AF_INET, stdsocket.SOCK_STREAM
-        )
-        holder.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEPORT, 1)
-        holder.bind((host or ("::" if family == "inet6" else "0.0.0.0"), 0))
-        port = holder.getsockname()[1]
-    spec = f"{family}:{port}@{host}" if host else f"{family}:{port}"
-    argv = [
-        sys.executable,
-        "-m",
-        "triomilter",
-        "serve",
-        args.target,
-        "--socket",
-        spec,
-        "--reuse-port",
-        "--log-level",
-        args.log_level,
-        "--io-timeout",
-        str(args.io_timeout),
-        "--max-connections",
-        str(args.max_connections),
-        "--max-data-size",
-        str(args.max_data_size),
-        "--shutdown-grace",
-        str(args.shutdown_grace),
-        "--panic-grace",
-        str(args.panic_grace),
-    ]
-    if args.backlog is not None:
-        argv += ["--backlog", str(args.backlog)]
-    # Each worker in its own session: a terminal's Ctrl-C (sent to the whole
-    # foreground group) reaches only us, and we forward it once; a worker
-    # signalled twice would stop at once instead of draining.
-    workers = [subprocess.Popen(argv, start_new_session=True) for _ in range(args.workers)]
-    log.info(
-        "serving on %s with %d workers (pids %s)",
-        spec,
-        len(workers),
-        " ".join(str(w.pid) for w in workers),
-    )
-    stopping = False
 
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGINT if stopping else signal.SIGTERM)
-        stopping = True
+async def _serve_fd(milter: Milter[Any, Any], fd: int, options: ServerOptions) -> None:
+    from ._server import serve_listener
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    panicked = False
-    try:
-        if holder is not None:
-            time.sleep(1.0)  # let the workers bind before releasing the port
-            holder.close()
-        while any(worker.poll() is None for worker in workers):
-            for worker in workers:
-                code = worker.poll()
-                if code not in (None, 0) and not stopping:
-                    panicked = panicked or code == EXIT_PANIC
-                    log.critical("worker %d exited with status %d: stopping all", worker.pid, code)
-                    stopping = True
-                    for other in workers:
-                        if other.poll() is None:  # drain, then stop at once
-                            other.send_signal(signal.SIGTERM)
-                            other.send_signal(signal.SIGINT)
-            time.sleep(0.05)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-            worker.wait()
-    codes = [worker.returncode for worker in workers]
-    if panicked or EXIT_PANIC in codes:
-        return EXIT_PANIC
-    return 0 if all(code == 0 for code in codes) else EXIT_START_FAILED
+    await serve_listener(milter, listener_from_fd(fd), options)
+
+
+def _check(milter: Milter[Any, Any]) -> int:
+    print(f"milter {milter.name!r}")
+    print(f"  handlers: {', '.join(stage.value for stage in milter.handlers)}")
+    print(f"  actions: {milter.actions!r}")
+    print(f"  protocol options: {milter.protocol_opts!r} (+ {milter.unhandled_steps!r})")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,6 @@ panicking command's reply is seen; tests of what follows use memory.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -27,7 +26,7 @@ import trio
 import trio.testing
 
 from triomilter import Milter, MilterPanic, serve
-from triomilter._dispatch import Tripwire, handle_connection
+from triomilter._session import ServerState, serve_connection
 from triomilter.testing import MilterClient, open_stream, open_tcp
 
 OpenMilter = Callable[..., AbstractAsyncContextManager[MilterClient]]
@@ -93,13 +92,13 @@ async def open_sniffed(
     """A client in memory, plus the list of the milter's writes (exact bytes, per write)."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     sniffer = Sniffer(server_stream)
-    tripwire = Tripwire()
+    state = ServerState()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(handle_connection, milter, sniffer, tripwire=tripwire))
+        nursery.start_soon(serve_connection, milter, sniffer, state)
         async with open_stream(client_stream, settle=True, **offer) as client:
             yield client, sniffer.writes
-    if tripwire.panic is not None:
-        raise MilterPanic("a handler panicked") from tripwire.panic
+    if state.panic is not None:
+        raise MilterPanic("a handler panicked") from state.panic
 
 
 def packet(code: bytes, data: bytes = b"") -> bytes:

@@ -34,6 +34,7 @@ from triomilter import (
     on_rcpt,
     on_unknown,
 )
+from triomilter._handlers import Returns
 
 DECORATORS: dict[str, Callable[[Any], Any]] = {
     "negotiate": on_negotiate,
@@ -284,8 +285,8 @@ def test_defaults_do_not_hide_a_wrong_count() -> None:
 
 @pytest.mark.parametrize(
     "returns",
-    [bool, None, int, "Status", Ok[Status], Result[bool], Ok[Status] | None, Status | None],
-    ids=["bool", "None", "int", "string", "Ok", "Result-bool", "Ok-or-None", "optional"],
+    [bool, int, "Status", Ok[Status], Result[bool], Ok[Status] | None, Status | None],
+    ids=["bool", "int", "string", "Ok", "Result-bool", "Ok-or-None", "optional"],
 )
 def test_wrong_return_annotation(returns: object) -> None:
     rejects(
@@ -316,14 +317,19 @@ def test_negotiate_return_annotation() -> None:
     )
 
 
-def test_close_and_abort_may_return_none_others_may_not() -> None:
+def test_none_only_where_a_stage_may_go_unanswered() -> None:
     async def close(ctx: Context[None]) -> None:
         pass
 
     assert on_close(close).stage is Stage.CLOSE
     assert on_abort(close).stage is Stage.ABORT
-    rejects("eom", close, "return annotation is None")
-    rejects("data", close, "return annotation is None")
+    assert on_data(close).returns is Returns.NONE
+    rejects("eom", close, "return annotation is None", "end of message always answers")
+
+    async def negotiate(ctx: Context[None], actions: Actions, opts: ProtocolOpts) -> None:
+        pass
+
+    rejects("negotiate", negotiate, "return annotation is None")
 
 
 def test_unresolvable_annotation() -> None:

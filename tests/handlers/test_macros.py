@@ -16,7 +16,6 @@ from triomilter import (
     Context,
     Handler,
     InvalidArgument,
-    MacroDecodeError,
     MacroStage,
     Milter,
     MilterError,
@@ -286,30 +285,20 @@ async def test_names_with_and_without_braces(open_milter: OpenMilter) -> None:
 
 
 async def test_non_utf8_macro_values(open_milter: OpenMilter) -> None:
+    """A client's reverse DNS name can be any bytes: macro_value never fails on them."""
     results: list[object] = []
 
     @on_mail
     async def mail(ctx: Context[None], args: list[str]) -> Status:
         results.append(ctx.api.macro_bytes("{auth_authen}"))
-        try:
-            ctx.api.macro_value("{auth_authen}")
-        except MacroDecodeError as exc:
-            results.append(exc)
+        results.append(ctx.api.macro_value("{auth_authen}"))
         return Status.CONTINUE
 
-    @on_rcpt
-    async def rcpt(ctx: Context[None], args: list[str]) -> Result[Status]:
-        # Uncaught in a Result handler: Err, so TEMPFAIL (not a panic).
-        ctx.api.macro_value("{auth_authen}")
-        return Ok(Status.CONTINUE)  # pragma: no cover
-
-    async with open_milter(Milter("raw", handlers=[mail, rcpt])) as client:
-        await client.mail("<a@b>", macros={"{auth_authen}": b"j\xf6rg"})
-        assert await client.rcpt("<c@d>") == StepReply(Status.TEMPFAIL)
-    assert results[0] == b"j\xf6rg"
-    assert isinstance(results[1], MacroDecodeError)
-    assert isinstance(results[1], MilterError)
-    assert "macro_bytes" in str(results[1])
+    async with open_milter(Milter("raw", handlers=[mail])) as client:
+        assert await client.mail(
+            "<a@b>", macros={"{auth_authen}": b"j\xf6rg"}
+        ) == StepReply(Status.CONTINUE)
+    assert results == [b"j\xf6rg", "j\ufffdrg"]
 
 
 # --- requesting macros -------------------------------------------------------------------

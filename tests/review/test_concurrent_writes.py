@@ -11,13 +11,11 @@ The verdict of end of message must also wait for such a write.
 
 from __future__ import annotations
 
-import functools
-
 import trio
 import trio.testing
 
 from triomilter import Actions, Context, Milter, Status, on_eom
-from triomilter._dispatch import Tripwire, handle_connection
+from triomilter._session import ServerState, serve_connection
 from triomilter.testing import open_stream
 
 
@@ -74,10 +72,10 @@ def ticking_milter() -> Milter:
 async def test_writes_of_a_handler_and_its_background_task_do_not_overlap() -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     slow = SlowStream(server_stream)
-    tripwire = Tripwire()
+    state = ServerState()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            functools.partial(handle_connection, ticking_milter(), slow, tripwire=tripwire)
+            serve_connection, ticking_milter(), slow, state
         )
         async with open_stream(client_stream) as client:
             await client.connect("mx", None)
@@ -86,5 +84,5 @@ async def test_writes_of_a_handler_and_its_background_task_do_not_overlap() -> N
             result = await client.eom()
             assert result.status is Status.CONTINUE
             assert result.replaced_body == b"x" * 70_000 + b"y" * 10
-    assert tripwire.panic is None, repr(tripwire.panic)
+    assert state.panic is None, repr(state.panic)
     assert slow.overlaps == 0

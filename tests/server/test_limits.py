@@ -1,66 +1,55 @@
-"""max_connections holds excess connections back; io_timeout closes idle connections."""
+"""max_connections answers the excess TEMPFAIL at once; io_timeout closes idle connections."""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket as stdsocket
 
 import pytest
 import trio
 import trio.testing
 
 from triomilter import Context, Milter, SocketInfo, Status, on_close, on_connect
-from triomilter.protocol import Continue, OptionNegotiationReply
+from triomilter.protocol import Continue, Tempfail
 
-from ._mta import POSTFIX_OFFER, RawMta
-from ._support import TIMEOUT, connection_records, served
+from ._mta import RawMta
+from ._support import TIMEOUT, connection_records, served, wait_until
 from .sample_milters import milter
 
 
-def nothing_received(client: RawMta) -> bool:
-    """Whether no byte at all has arrived on ``client``'s socket (without waiting)."""
-    trio_sock = client.stream.socket
-    with stdsocket.socket(
-        trio_sock.family, trio_sock.type, fileno=os.dup(trio_sock.fileno())
-    ) as sock:
-        try:
-            sock.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
-    return False
-
-
-async def test_max_connections_holds_the_excess_back() -> None:
+async def test_over_the_limit_a_connection_is_answered_tempfail_at_once(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """Never a silent lockout: the MTA is told at once, and the operator once."""
     async with served(milter, max_connections=2) as srv:
         with trio.fail_after(TIMEOUT):
             first = await RawMta.to(srv.address)
             await first.negotiate()
             second = await RawMta.to(srv.address)
             await second.negotiate()
-            # The third connects (the kernel's backlog takes it) but is not served.
+            # The third is negotiated with nothing asked, TEMPFAIL at connect, closed.
             third = await RawMta.to(srv.address)
-            await third.send_raw(third.mta.send(POSTFIX_OFFER))
+            assert (await third.negotiate()).opts == 0
+            assert await third.connect() == Tempfail()
+            assert await third.read_until_closed() == b""
+            fourth = await RawMta.to(srv.address)
+            await fourth.negotiate()
+            assert await fourth.connect() == Tempfail()
             # The first two keep working meanwhile.
             assert await first.connect() == Continue()
             assert await second.connect() == Continue()
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            assert nothing_received(third)
-            # One of the first two leaves: the third is accepted and served.
+            # One of them leaves: the next connection is served normally.
             await first.quit()
             assert await first.read_until_closed() == b""
-            replies = await third.replies()
-            assert isinstance(replies[0], OptionNegotiationReply)
-            assert await third.connect() == Continue()
-            assert await third.helo() == Continue()
-            # Still at most two: a fourth waits until another one leaves.
-            fourth = await RawMta.to(srv.address)
-            await fourth.send_raw(fourth.mta.send(POSTFIX_OFFER))
-            assert await second.helo() == Continue()
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            assert nothing_received(fourth)
-            await second.aclose()
-            assert isinstance((await fourth.replies())[0], OptionNegotiationReply)
+            await wait_until(
+                lambda: any("below the connection limit" in r.getMessage() for r in logs.records)
+            )
+            fifth = await RawMta.to(srv.address)
+            await fifth.negotiate()
+            assert await fifth.connect() == Continue()
+            assert await fifth.helo() == Continue()
+    warnings = [r.getMessage() for r in logs.records if "connection limit of 2" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert any("2 connection(s) were answered TEMPFAIL" in r.getMessage() for r in logs.records)
 
 
 async def test_io_timeout_closes_an_idle_connection(logs: pytest.LogCaptureFixture) -> None:

@@ -10,16 +10,19 @@ an exception group.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 import trio.testing
 
-from .._dispatch import Tripwire, handle_connection
+from .._context import SocketFamily
 from .._errors import MilterPanic
 from .._milter import Milter
+from .._options import ServerOptions
+from .._session import ServerState, serve_connection
 from .._sockets import parse_socket_spec
 from ..protocol import MAX_DATA_SIZE, Actions, OptionNegotiation, ProtocolOpts
 from ._client import (
@@ -67,7 +70,7 @@ async def open_tcp(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[MilterClient]:
     """A session with the milter listening on TCP ``host``:``port`` (any implementation)."""
-    stream = await _connect(trio.open_tcp_stream(host, port), f"{host}:{port}", timeout)
+    stream = await _connect(timeout, f"{host}:{port}", trio.open_tcp_stream, host, port)
     async with _session(stream, OptionNegotiation(version, actions, opts), timeout) as client:
         yield client
 
@@ -82,43 +85,43 @@ async def open_unix(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[MilterClient]:
     """A session with the milter listening on the UNIX socket ``path``."""
-    stream = await _connect(trio.open_unix_socket(path), str(path), timeout)
+    stream = await _connect(timeout, str(path), trio.open_unix_socket, path)
     async with _session(stream, OptionNegotiation(version, actions, opts), timeout) as client:
         yield client
 
 
 @asynccontextmanager
 async def open_in_memory(
-    milter: Milter,
+    milter: Milter[Any, Any],
     *,
     actions: Actions = POSTFIX_ACTIONS,
     opts: ProtocolOpts = POSTFIX_OPTS,
     version: int = POSTFIX_VERSION,
     timeout: float = DEFAULT_TIMEOUT,
     max_data_size: int = MAX_DATA_SIZE,
+    options: ServerOptions | None = None,
 ) -> AsyncIterator[MilterClient]:
     """A session with ``milter`` run in this process over an in-memory stream (no socket).
 
     The milter serves the connection exactly as `triomilter.serve` would
-    (connection id ``"test"``, its logs go to the ``triomilter`` logger).
+    with ``options`` (connection id ``"test"``, its logs go to the
+    ``triomilter`` logger): handler deadlines, exception policy and all.
     If a handler panicked, leaving the block raises `triomilter.MilterPanic`
     with the handler's exception as ``__cause__`` (after the replies the
     test saw: TEMPFAIL from the panicking step on).
     """
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    tripwire = Tripwire()
+    options = options if options is not None else ServerOptions()
+    if max_data_size != MAX_DATA_SIZE:
+        options = attrs.evolve(options, max_data_size=max_data_size)
+    state = ServerState(thread_limit=options.thread_limit)
+    limits = options.limits_for(milter)
 
     async def run_milter() -> None:
-        await handle_connection(
-            milter,
-            server_stream,
-            tripwire=tripwire,
-            connection_id="test",
-            max_data_size=max_data_size,
-        )
+        await serve_connection(milter, server_stream, state, limits, "test")
 
     offer = OptionNegotiation(version, actions, opts)
-    async with _session(client_stream, offer, timeout, run_milter, tripwire) as client:
+    async with _session(client_stream, offer, timeout, run_milter, state) as client:
         yield client
 
 
@@ -145,11 +148,11 @@ def open_client(
         host, port = target
     else:
         spec = parse_socket_spec(target)
-        if spec.family == "unix":
+        if spec.family is SocketFamily.UNIX:
             return open_unix(
                 spec.path, actions=actions, opts=opts, version=version, timeout=timeout
             )
-        host = spec.host or ("::1" if spec.family == "inet6" else "127.0.0.1")
+        host = spec.host or ("::1" if spec.family is SocketFamily.INET6 else "127.0.0.1")
         port = spec.port
     return open_tcp(host, port, actions=actions, opts=opts, version=version, timeout=timeout)
 
@@ -160,7 +163,7 @@ async def _session(
     offer: OptionNegotiation,
     timeout: float,
     run_milter: Callable[[], Awaitable[None]] | None = None,
-    tripwire: Tripwire | None = None,
+    state: ServerState | None = None,
     *,
     settle: bool = False,
 ) -> AsyncIterator[MilterClient]:
@@ -205,7 +208,7 @@ async def _session(
                 )
         nursery.cancel_scope.cancel()
 
-    panic = tripwire.panic if tripwire is not None else None
+    panic = state.panic if state is not None else None
     if panic is not None and (failure is None or isinstance(failure, Exception)):
         error = MilterPanic(f"a handler panicked: {panic!r}")
         if failure is not None:
@@ -220,11 +223,14 @@ async def _session(
 
 
 async def _connect(
-    connecting: Coroutine[Any, Any, trio.SocketStream], where: str, timeout: float
+    timeout: float,
+    where: str,
+    connect: Callable[..., Awaitable[trio.SocketStream]],
+    *args: Any,
 ) -> trio.abc.Stream:
-    """Await a connection attempt, bounded by the client's step timeout."""
+    """``await connect(*args)``, bounded by the client's step timeout."""
     try:
         with trio.fail_after(timeout):
-            return await connecting
+            return await connect(*args)
     except trio.TooSlowError:
         raise MilterTimeout(f"could not connect to {where} within {timeout} s") from None

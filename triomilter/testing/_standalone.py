@@ -4,7 +4,7 @@ Decorated handlers stay plain callables; to unit-test one in isolation it
 needs a `Context`. `HandlerContext` makes one whose API records what the
 handler asks for instead of sending it::
 
-    harness = HandlerContext(data=Scan(), macros={"i": "4ABC"}, stage=Stage.EOM)
+    harness = HandlerContext(data=Scan(), macros={MacroStage.EOM: {"i": "4ABC"}})
     assert await eom(harness.ctx) is Status.CONTINUE
     assert harness.modifications == [AddHeader("X-Scanned", "yes")]
 
@@ -15,32 +15,33 @@ behind an MTA. For whole conversations, use `open_in_memory`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Generic
 
 import trio
+from typing_extensions import TypeVar
 
-from .. import protocol
-from .._context import Context, Stage
-from ..protocol import Actions, CommandCode, MacroStage, MacroStore
-from ..protocol._constants import ALL_ACTIONS
-from ._results import Modification, modifications_of
+from .._context import Context
+from .._stage import Stage
+from .._tasks import ConnectionTasks
+from ..protocol import (
+    ALL_ACTIONS,
+    COMMAND_OF_MACRO_STAGE,
+    Actions,
+    MacroStage,
+    MacroStore,
+    Modification,
+    Progress,
+)
+from ._results import Modification as Change
+from ._results import modifications_of
 
-D = TypeVar("D")
-
-_SLOT_CODE = {
-    MacroStage.CONNECT: CommandCode.CONNECT,
-    MacroStage.HELO: CommandCode.HELO,
-    MacroStage.MAIL: CommandCode.MAIL,
-    MacroStage.RCPT: CommandCode.RCPT,
-    MacroStage.DATA: CommandCode.DATA,
-    MacroStage.EOH: CommandCode.EOH,
-    MacroStage.EOM: CommandCode.EOM,
-}
+D = TypeVar("D", default=None)
+M = TypeVar("M", default=None)
 
 
 class _Recorder:
-    """Stands in for the dispatcher's session behind `ContextApi`."""
+    """Stands in for the dispatcher's session behind `Context` (a `ContextHost`)."""
 
     def __init__(
         self,
@@ -51,54 +52,63 @@ class _Recorder:
     ) -> None:
         self.stage = stage
         self.actions = actions
-        self.nursery = nursery
         self.connection_id = "handler-test"
         self.error_reply: bytes | None = None
         self.requested_macros: dict[MacroStage, bytes] = {}
-        self.sent: list[protocol.Modification] = []
+        self.sent: list[Modification] = []
         self.progress = 0
         self.panicked = False
-        self.conn = _Conn()
+        self.in_message = stage not in (Stage.NEGOTIATE, Stage.CONNECT, Stage.HELO, Stage.CLOSE)
+        self.tasks = ConnectionTasks(nursery, _raise) if nursery is not None else None
+        self._macros = MacroStore()
         for stage_, values in macros.items():
-            payload = bytes((_SLOT_CODE[stage_],))
+            payload = bytes((COMMAND_OF_MACRO_STAGE[stage_],))
             for name, value in values.items():
                 raw = value.encode() if isinstance(value, str) else value
                 payload += name.encode() + b"\0" + raw + b"\0"
-            self.conn.macros.define(payload)
+            self._macros.define(payload)
 
-    async def queue(self, reply: Any, flush: bool = False) -> None:
+    def macro(self, name: bytes) -> bytes | None:
+        return self._macros.get(name)
+
+    async def queue(self, change: Modification | Progress, flush: bool = False) -> None:
         await trio.lowlevel.checkpoint()
-        if isinstance(reply, protocol.Progress):
+        if isinstance(change, Progress):
             self.progress += 1
         else:
-            self.sent.append(reply)
+            self.sent.append(change)
 
 
-class _Conn:
-    def __init__(self) -> None:
-        self.macros = MacroStore()
+def _raise(exc: BaseException) -> None:
+    # In a real session a background task's exception is a panic; in a test it
+    # must not pass unseen: it fails the test's nursery.
+    raise exc
 
 
-class HandlerContext(Generic[D]):
+class HandlerContext(Generic[D, M]):
     """A `Context` for calling a handler directly, and what the handler did with it.
 
-    ``macros`` maps a `MacroStage` to ``{name: value}`` (visible with
-    libmilter's scoping); ``stage`` is the stage the handler pretends to run
-    in (end-of-message actions need `Stage.EOM`); ``actions`` what the MTA
-    granted (all by default); ``nursery`` backs ``ctx.connection_nursery``.
+    ``data`` is the per-connection data (``ctx.data``, ``ctx.connection_data``);
+    ``message_data`` a factory for ``ctx.message_data``; ``macros`` maps a
+    `MacroStage` to ``{name: value}`` (visible with libmilter's scoping);
+    ``stage`` is the stage the handler pretends to run in (end-of-message
+    actions need `Stage.EOM`); ``actions`` what the MTA granted (all by
+    default); ``nursery`` backs ``ctx.connection_nursery`` (an exception
+    escaping a background task fails that nursery, so the test sees it).
     """
 
     def __init__(
         self,
         data: D | None = None,
         *,
+        message_data: Callable[[], M] | None = None,
         macros: Mapping[MacroStage, Mapping[str, str | bytes]] | None = None,
         stage: Stage = Stage.EOM,
         actions: Actions = ALL_ACTIONS,
         nursery: trio.Nursery | None = None,
     ) -> None:
         self._recorder = _Recorder(stage, actions, macros or {}, nursery)
-        self.ctx: Context[D] = Context(self._recorder)  # type: ignore[arg-type]
+        self.ctx: Context[D, M] = Context(self._recorder, message_data)
         self.ctx.data = data
 
     @property
@@ -110,7 +120,7 @@ class HandlerContext(Generic[D]):
         self._recorder.stage = stage
 
     @property
-    def modifications(self) -> list[Modification]:
+    def modifications(self) -> list[Change]:
         """The end-of-message changes the handler made, in order."""
         return modifications_of(self._recorder.sent)
 

@@ -1,0 +1,169 @@
+"""``triomilter serve --workers N``: several processes serving one listening socket.
+
+The parent opens the socket once (any spec: TCP, port 0, a UNIX socket) and
+hands its descriptor to N worker processes (``triomilter serve TARGET
+--socket fd:N`` plus the parent's options), which all accept on it: the
+kernel spreads the connections. The parent only supervises:
+
+- the first SIGTERM/SIGINT is forwarded once as SIGTERM (every worker
+  drains); a second one as SIGINT (every worker stops at once);
+- a worker that exits while the others serve stops the set: the others are
+  drained and stopped; a worker's panic (exit 70) makes the parent exit 70;
+- the parent removes the UNIX socket file when all are gone.
+
+Workers run in their own sessions: a terminal's Ctrl-C (sent to the whole
+foreground process group) reaches only the parent, which forwards it once;
+a worker signalled twice would stop at once instead of draining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from functools import partial
+
+import trio
+
+from ._options import ServerOptions
+from ._sockets import SocketSpec, describe_address, open_listener, parse_socket_spec
+
+log = logging.getLogger("triomilter")
+
+EXIT_START_FAILED = 1
+EXIT_PANIC = 70
+EXIT_SIGNAL_BASE = 128
+
+
+def run_workers(
+    target: str, socket: str, options: ServerOptions, count: int, log_level: str
+) -> int:
+    """Run ``count`` workers on ``socket`` until they are all gone; the exit status."""
+    try:
+        return trio.run(partial(_supervise, target, socket, options, count, log_level))
+    except (ValueError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        return EXIT_START_FAILED
+
+
+async def _supervise(
+    target: str, socket: str, options: ServerOptions, count: int, log_level: str
+) -> int:
+    spec = parse_socket_spec(socket)
+    listener = await open_listener(
+        spec,
+        backlog=options.backlog,
+        reuse_port=False,
+        remove_stale_socket=options.remove_stale_socket,
+        socket_mode=options.socket_mode,
+    )
+    try:
+        fd = listener.socket.fileno()
+        argv = [
+            sys.executable,
+            "-m",
+            "triomilter",
+            "serve",
+            target,
+            "--socket",
+            f"fd:{fd}",
+            "--log-level",
+            log_level,
+            *options.to_argv(),
+        ]
+        return await _Supervisor(argv, fd, count).run(
+            describe_address(listener.socket.getsockname())
+        )
+    finally:
+        listener.socket.close()
+        _unlink_ours(spec)
+
+
+def _unlink_ours(spec: SocketSpec) -> None:
+    if spec.path:
+        with contextlib.suppress(OSError):
+            os.unlink(spec.path)
+
+
+class _Supervisor:
+    def __init__(self, argv: list[str], fd: int, count: int) -> None:
+        self.argv = argv
+        self.fd = fd
+        self.count = count
+        self.procs: list[trio.Process] = []
+        self.signals_forwarded = 0
+        self.forced: int | None = None
+        self.stopping = False
+        self.failed: list[int] = []
+
+    async def run(self, where: str) -> int:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                for _ in range(self.count):
+                    proc: trio.Process = await nursery.start(
+                        partial(
+                            trio.run_process,
+                            self.argv,
+                            pass_fds=(self.fd,),
+                            start_new_session=True,
+                            check=False,
+                            stdin=None,
+                        )
+                    )
+                    self.procs.append(proc)
+                log.info(
+                    "serving on %s with %d workers (pids %s)",
+                    where,
+                    self.count,
+                    " ".join(str(proc.pid) for proc in self.procs),
+                )
+                for proc in self.procs:
+                    nursery.start_soon(self._watch, proc)
+                nursery.start_soon(self._forward, signals)
+                await self._all_exited()
+                nursery.cancel_scope.cancel()
+        return self._status()
+
+    async def _all_exited(self) -> None:
+        for proc in self.procs:
+            await proc.wait()
+
+    async def _watch(self, proc: trio.Process) -> None:
+        code = await proc.wait()
+        if self.stopping:
+            return
+        if code != 0:
+            self.failed.append(code)
+        log.critical("worker %d exited with status %d: stopping all", proc.pid, code)
+        self.stopping = True
+        for other in self.procs:
+            if other.returncode is None:  # drain, then stop at once
+                other.send_signal(signal.SIGTERM)
+                other.send_signal(signal.SIGINT)
+
+    async def _forward(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self.stopping = True
+            forwarded = signal.SIGINT if self.signals_forwarded else signal.SIGTERM
+            if self.signals_forwarded:
+                self.forced = signum
+            self.signals_forwarded += 1
+            log.info(
+                "%s: forwarding %s to the workers", signal.Signals(signum).name, forwarded.name
+            )
+            for proc in self.procs:
+                if proc.returncode is None:
+                    proc.send_signal(forwarded)
+
+    def _status(self) -> int:
+        codes = [proc.returncode for proc in self.procs]
+        if EXIT_PANIC in codes or EXIT_PANIC in self.failed:
+            return EXIT_PANIC
+        if self.forced is not None:
+            return EXIT_SIGNAL_BASE + self.forced
+        if self.failed or any(code != 0 for code in codes):
+            return EXIT_START_FAILED
+        return 0
