@@ -35,13 +35,12 @@ from triomilter import Milter as M
 from triomilter.testing import (
     AddHeader,
     AddRecipient,
-    ChangeHeader,
-    ChangeSender,
-    DeleteHeader,
     InsertHeader,
     Quarantine,
     RemoveRecipient,
     ReplaceBody,
+    ReplaceHeader,
+    ReplaceSender,
     StepReply,
 )
 
@@ -76,14 +75,14 @@ EVERYTHING = [
     AddHeader("X-Folded", "one\n\ttwo\n three"),
     InsertHeader(0, "X-First", "top"),
     InsertHeader(3, "X-Third", "3"),
-    ChangeHeader(1, "Subject", "[tagged] hi"),
-    ChangeHeader(2, "Subject", "second"),
-    DeleteHeader(1, "X-Old"),
+    ReplaceHeader("Subject", 1, "[tagged] hi"),
+    ReplaceHeader("Subject", 2, "second"),
+    ReplaceHeader("X-Old", 1, None),
     AddRecipient("<copy@example.net>"),
     AddRecipient("<dsn@example.net>", "NOTIFY=NEVER ORCPT=rfc822;x@y"),
     RemoveRecipient("<b@example.net>"),
-    ChangeSender("<bounce@example.org>"),
-    ChangeSender("<verp@example.org>", "RET=HDRS"),
+    ReplaceSender("<bounce@example.org>"),
+    ReplaceSender("<verp@example.org>", "RET=HDRS"),
     Quarantine("held for review"),
     ReplaceBody(b"new body\r\n", (b"new ", b"body\r\n")),
 ]
@@ -127,7 +126,7 @@ async def test_every_action_as_a_typed_modification(open_milter: OpenMilter) -> 
     assert result.modifications == EVERYTHING
     assert result.has_added_header(b"X-Raw", b"\xff 8-bit")
     assert result.has_added_recipient("<copy@example.net>", None)
-    assert result.has_changed_sender("<verp@example.org>", "RET=HDRS")
+    assert result.has_replaced_sender("<verp@example.org>", "RET=HDRS")
     assert result.replaced_body == b"new body\r\n"
 
 
@@ -505,7 +504,7 @@ async def test_recipient_with_and_without_esmtp_args(
         result = await client.send_message("<a@b>", "<c@d>")
     assert result.modifications == [
         AddRecipient("<new@example.net>", args),
-        ChangeSender("<new@example.org>", args),
+        ReplaceSender("<new@example.org>", args),
     ]
 
 

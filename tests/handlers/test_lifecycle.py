@@ -19,9 +19,13 @@ import trio
 
 from triomilter import (
     Actions,
+    ConnectionLost,
     Context,
+    Err,
     Milter,
     MilterPanic,
+    Ok,
+    Result,
     SocketInfo,
     Status,
     on_abort,
@@ -353,3 +357,85 @@ async def test_an_exception_in_background_work_is_a_panic_in_both_modes(
             with contextlib.suppress(MilterClosed):
                 assert (await client.helo("again")).status is Status.TEMPFAIL
     assert info.value.__cause__ is error
+
+
+# --- ctx.connection_nursery.start keeps trio's contract ---------------------------------
+
+
+async def test_start_hands_an_early_error_to_the_caller(
+    open_milter: OpenMilter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before ``started()`` an error is the caller's, as itself, and no panic."""
+    error = LookupError("no such zone")
+    seen: list[BaseException] = []
+
+    async def lookup(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.lowlevel.checkpoint()
+        raise error
+
+    @on_mail
+    async def mail(ctx: Context[None], args: list[str]) -> Result[Status]:
+        try:
+            await ctx.connection_nursery.start(lookup)
+        except LookupError as exc:
+            seen.append(exc)
+            return Err(exc)
+        return Ok(Status.CONTINUE)  # pragma: no cover
+
+    async with open_milter(Milter("start", handlers=[mail])) as client:
+        assert await client.mail("<a@b>") == StepReply(Status.TEMPFAIL)
+        assert await client.mail("<a@b>") == StepReply(Status.TEMPFAIL)  # no panic: it goes on
+    assert seen == [error, error]
+    assert not [r for r in caplog.records if "panicked" in r.getMessage()]
+
+
+async def test_start_returns_the_started_value_and_later_errors_are_one_panic(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    error = RuntimeError("after started")
+    go_on = trio.Event()
+
+    async def lookup(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started("ready")
+        await go_on.wait()
+        raise error
+
+    @on_connect
+    async def connect(ctx: Context[str], hostname: str, address: SocketInfo | None) -> Status:
+        ctx.data = await ctx.connection_nursery.start(lookup)
+        return Status.CONTINUE
+
+    @on_helo
+    async def helo(ctx: Context[str], hostname: str) -> Status:
+        assert ctx.data == "ready"
+        go_on.set()
+        return Status.CONTINUE
+
+    with pytest.raises(MilterPanic) as info:
+        async with open_in_memory(Milter("start", handlers=[connect, helo])) as client:
+            await client.connect("mx", None)
+            await client.helo("mx")
+    assert info.value.__cause__ is error
+    panics = [r for r in caplog.records if "panicked" in r.getMessage()]
+    assert len(panics) == 1, [r.getMessage() for r in panics]
+
+
+async def test_connection_lost_in_background_work_is_no_panic() -> None:
+    """``ConnectionLost`` ends the connection; it is not a panic, started or not."""
+
+    async def writer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        raise ConnectionLost("the MTA is gone")
+
+    async def plain() -> None:
+        raise ConnectionLost("the MTA is gone")
+
+    @on_connect
+    async def connect(ctx: Context[None], hostname: str, address: SocketInfo | None) -> Status:
+        await ctx.connection_nursery.start(writer)
+        ctx.connection_nursery.start_soon(plain)
+        return Status.CONTINUE
+
+    async with open_in_memory(Milter("lost", handlers=[connect])) as client:
+        assert (await client.connect("mx", None)).status is Status.CONTINUE
+        assert (await client.helo("mx")).status is Status.CONTINUE

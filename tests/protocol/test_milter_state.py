@@ -58,7 +58,7 @@ from triomilter.protocol import (
     DATA as DATA_COMMAND,
 )
 
-from ._helpers import POSTFIX_OFFER, events, frame, macro_frame, milter, one_event, strings
+from ._helpers import POSTFIX_OFFER, events, frame, macro_frame, milter, mta, one_event, strings
 
 P = ProtocolOpts
 A = Actions
@@ -197,6 +197,35 @@ def test_malformed_payload_names_the_command() -> None:
     conn.receive_data(frame("H", b"no terminator"))
     with pytest.raises(RemoteProtocolError, match=r"HELO \('H'\): payload is not NUL-terminated"):
         conn.next_event()
+
+
+def test_a_malformed_command_moves_nothing_and_the_error_is_final() -> None:
+    """h11's rule: after a protocol error the session is in ERROR and later calls raise."""
+    conn = milter()
+    conn.receive_data(frame("M", b"no terminator") + MAIL)
+    with pytest.raises(RemoteProtocolError, match=r"MAIL \('M'\): payload is not NUL"):
+        conn.next_event()
+    assert conn.state is State.ERROR
+    assert not conn.in_message  # the malformed MAIL did not open a message
+    # The valid MAIL behind it is not handed out (it once came as a made-up Abort()).
+    with pytest.raises(RemoteProtocolError, match="already failed: MAIL"):
+        conn.next_event()
+    conn.receive_data(RCPT)
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        conn.next_event()
+
+
+def test_an_mta_side_error_is_final_too() -> None:
+    conn = mta()
+    conn.send(Mail((b"<a@b>",)))
+    conn.receive_data(frame("z"))
+    with pytest.raises(RemoteProtocolError, match="not a reply a milter may send"):
+        conn.next_event()
+    conn.receive_data(frame("c"))
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        conn.send(Rcpt((b"<c@d>",)))
 
 
 def test_next_event_while_a_reply_is_owed() -> None:

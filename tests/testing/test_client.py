@@ -412,3 +412,17 @@ async def test_send_message_stops_like_an_mta() -> None:
         result = await client.send_message("<a@b>", ["<b@c>"], {"A": "1", "B": "2"}, b"x")
         assert (result.status, result.sent) == (Status.DISCARD, False)
     assert responder.codes == "C" + "MRRA" + "MRTL" + "Q"
+
+
+async def test_discard_at_rcpt_ends_the_message_like_postfix() -> None:
+    """DISCARD is about the whole message, even at RCPT: nothing more of it is sent."""
+    responder = Responder(script=answering(R=[DISCARD]))
+    async with session(responder) as client:
+        await client.connect("mx", None)
+        result = await client.send_message("<a@b>", ["<b@c>", "<d@e>"], {"A": "1"}, b"x")
+        assert (result.status, result.sent) == (Status.DISCARD, False)
+        responder.script = None
+        assert await client.mail("<c@d>") == CONTINUED  # the next message is sent again
+    # One RCPT only; no DATA, header, body or end of message after the discard
+    # (the milter's engine reports the next MAIL and the QUIT as ending a message).
+    assert responder.codes == "CMRAMAQ"

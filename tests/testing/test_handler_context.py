@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
 from triomilter import (
     ActionNotNegotiated,
@@ -56,3 +57,41 @@ async def test_error_reply() -> None:
     harness: HandlerContext[None] = HandlerContext(stage=Stage.RCPT)
     assert await rcpt(harness.ctx, ["<a@b>"]) is Status.REJECT
     assert harness.error_reply == "550-5.7.1 no\r\n550 5.7.1 100%%"
+
+
+async def test_background_tasks_on_the_nursery_given() -> None:
+    """``HandlerContext(nursery=...)`` backs ``ctx.connection_nursery`` (it did not, once)."""
+    results: list[str] = []
+
+    async def lookup(name: str) -> None:
+        await trio.lowlevel.checkpoint()
+        results.append(name)
+
+    @on_eom
+    async def eom(ctx: Context[None]) -> Status:
+        ctx.connection_nursery.start_soon(lookup, "rbl")
+        started = await ctx.connection_nursery.start(_started_with, "value")
+        results.append(started)
+        return Status.CONTINUE
+
+    async with trio.open_nursery() as nursery:
+        assert await eom(HandlerContext(nursery=nursery).ctx) is Status.CONTINUE
+    assert sorted(results) == ["rbl", "value"]
+
+
+async def _started_with(
+    value: str, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    task_status.started(value)
+
+
+async def test_a_failing_background_task_fails_the_test() -> None:
+    async def failing() -> None:
+        raise RuntimeError("lookup broke")
+
+    harness = HandlerContext(nursery=None)
+    with pytest.raises(StageError, match="not available outside a connection"):
+        harness.ctx.connection_nursery.start_soon(failing)
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="lookup broke")):
+        async with trio.open_nursery() as nursery:
+            HandlerContext(nursery=nursery).ctx.connection_nursery.start_soon(failing)

@@ -22,13 +22,12 @@ from triomilter import (
 )
 from triomilter.testing import (
     AddHeader,
-    ChangeHeader,
-    DeleteHeader,
     InsertHeader,
     MilterClient,
     Quarantine,
     RemoveRecipient,
     ReplaceBody,
+    ReplaceHeader,
     StepReply,
     open_in_memory,
 )
@@ -156,13 +155,13 @@ async def test_a_whole_session() -> None:
     assert result.modifications[:4] == [
         AddHeader("X-Rcpts", "<b@example.net>"),
         InsertHeader(0, "X-First", "1"),
-        ChangeHeader(1, "Subject", "[tagged]"),
-        DeleteHeader(1, "X-Old"),
+        ReplaceHeader("Subject", 1, "[tagged]"),
+        ReplaceHeader("X-Old", 1, None),
     ]
     assert result.has_added_recipient("<copy@example.net>", None)
     assert result.has_added_recipient("<dsn@example.net>", "NOTIFY=NEVER")
     assert RemoveRecipient("<b@example.net>") in result.modifications
-    assert result.has_changed_sender("<bounce@example.org>", None)
+    assert result.has_replaced_sender("<bounce@example.org>", None)
     assert result.modifications[-2:] == [
         ReplaceBody(b"new body\r\n", (b"new body\r\n",)),
         Quarantine("held for review"),

@@ -29,15 +29,14 @@ from triomilter.testing import (
     ANY,
     AddHeader,
     AddRecipient,
-    ChangeHeader,
-    ChangeSender,
-    DeleteHeader,
     EomReply,
     InsertHeader,
     MilterClient,
     Quarantine,
     RemoveRecipient,
     ReplaceBody,
+    ReplaceHeader,
+    ReplaceSender,
 )
 
 from ._responder import Answer, Responder, session
@@ -84,14 +83,14 @@ async def test_every_change_is_decoded_in_order() -> None:
     assert result.modifications == [
         AddHeader("X-Tag", "yes"),
         InsertHeader(0, "X-First", "top"),
-        ChangeHeader(2, "Subject", "[SPAM] hi"),
-        DeleteHeader(1, "X-Old"),
+        ReplaceHeader("Subject", 2, "[SPAM] hi"),
+        ReplaceHeader("X-Old", 1, None),
         AddRecipient("<c@d>"),
         AddRecipient("<e@f>", "NOTIFY=NEVER"),
         AddRecipient("<g@h>"),
         RemoveRecipient("<b@c>"),
-        ChangeSender("<new@b>", "RET=HDRS"),
-        ChangeSender("<newer@b>"),
+        ReplaceSender("<new@b>", "RET=HDRS"),
+        ReplaceSender("<newer@b>"),
         Quarantine("looks bad"),
         ReplaceBody(b"new body\r\n", (b"new ", b"body\r\n")),
     ]
@@ -114,10 +113,10 @@ async def test_matchers() -> None:
     assert r.has_inserted_header("X-First", index=lambda i: i < 1)
     assert not r.has_inserted_header("X-First", index=1)
 
-    assert r.has_changed_header("Subject", re.compile(r"^\[SPAM\]"), index=2)
-    assert not r.has_changed_header("X-Old")  # a deletion is not a change
-    assert r.has_deleted_header("X-Old", index=1)
-    assert not r.has_deleted_header("Subject")
+    assert r.has_replaced_header("Subject", re.compile(r"^\[SPAM\]"), index=2)
+    assert r.has_replaced_header("X-Old")  # ANY value: a deletion is a replacement too
+    assert r.has_replaced_header("X-Old", None, index=1)  # None: a deletion only
+    assert not r.has_replaced_header("Subject", None)
 
     assert r.has_added_recipient("<c@d>", None)  # None: without ESMTP arguments
     assert r.has_added_recipient("<e@f>", "NOTIFY=NEVER")
@@ -126,9 +125,9 @@ async def test_matchers() -> None:
     assert r.has_removed_recipient("<b@c>")
     assert not r.has_removed_recipient("<c@d>")
 
-    assert r.has_changed_sender("<new@b>", re.compile(b"RET="))
-    assert r.has_changed_sender("<newer@b>", None)
-    assert not r.has_changed_sender("<old@b>")
+    assert r.has_replaced_sender("<new@b>", re.compile(b"RET="))
+    assert r.has_replaced_sender("<newer@b>", None)
+    assert not r.has_replaced_sender("<old@b>")
 
     assert r.has_quarantine()
     assert r.has_quarantine(re.compile("bad"))

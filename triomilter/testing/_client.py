@@ -445,9 +445,20 @@ class MilterClient:
             self._connection_verdict = status
         elif status is Status.SKIP:
             self._skipping = True
-        elif code in _MESSAGE_LEVEL and status in _DECISIVE and not self._conn.in_message:
+        elif code in _MESSAGE_LEVEL and status in _DECISIVE and self._decides_message(code, status):
             self._message_verdict = status
         return reply
+
+    def _decides_message(self, code: int, status: Status) -> bool:
+        """Whether an MTA ends the message on ``status`` at step ``code``.
+
+        At RCPT, REJECT and TEMPFAIL are about that recipient; ACCEPT and
+        DISCARD are about the whole message (protocol.md §6): Postfix and
+        Sendmail send nothing more of it.
+        """
+        if code == _C.RCPT:
+            return status in (Status.ACCEPT, Status.DISCARD)
+        return True
 
     async def _exchange(
         self, data: bytes, scope: trio.CancelScope, code: int

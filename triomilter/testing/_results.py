@@ -24,14 +24,17 @@ from ._matchers import (
 
 # --- end-of-message changes ---------------------------------------------------------
 #
+# Named and shaped like the context API calls that make them (``ctx.api.
+# replace_header(name, index, value)`` <-> ``ReplaceHeader(name, index, value)``
+# and ``has_replaced_header``); libmilter's wire names stay in the engine.
 # Friendlier than the engine's reply classes: text is ``str`` (UTF-8; bytes
-# that are not UTF-8 survive as surrogates), header deletion is its own
-# class, and the chunks of a body replacement are joined.
+# that are not UTF-8 survive as surrogates), and the chunks of a body
+# replacement are joined.
 
 
 @attrs.frozen
 class AddHeader:
-    """The milter appends header ``name: value``."""
+    """``add_header(name, value)``: the milter appends header ``name: value``."""
 
     name: str
     value: str
@@ -39,7 +42,7 @@ class AddHeader:
 
 @attrs.frozen
 class InsertHeader:
-    """The milter inserts header ``name: value`` at ``index`` (0 = top)."""
+    """``insert_header(index, name, value)``: the header goes at ``index`` (0 = top)."""
 
     index: int
     name: str
@@ -47,48 +50,41 @@ class InsertHeader:
 
 
 @attrs.frozen
-class ChangeHeader:
-    """The milter replaces the ``index``-th (1-based) header ``name`` with ``value``."""
+class ReplaceHeader:
+    """``replace_header(name, index, value)``: the ``index``-th (1-based) header ``name``
+    gets ``value``; ``None`` deletes it."""
 
-    index: int
     name: str
-    value: str
-
-
-@attrs.frozen
-class DeleteHeader:
-    """The milter deletes the ``index``-th (1-based) header ``name`` (a change to "")."""
-
     index: int
-    name: str
+    value: str | None
 
 
 @attrs.frozen
 class AddRecipient:
-    """The milter adds an envelope recipient, with optional ESMTP arguments."""
+    """``add_recipient(rcpt, esmtp_args)``: a new envelope recipient."""
 
     rcpt: str
-    args: str | None = None
+    esmtp_args: str | None = None
 
 
 @attrs.frozen
 class RemoveRecipient:
-    """The milter removes an envelope recipient."""
+    """``remove_recipient(rcpt)``: an envelope recipient removed."""
 
     rcpt: str
 
 
 @attrs.frozen
-class ChangeSender:
-    """The milter replaces the envelope sender, with optional ESMTP arguments."""
+class ReplaceSender:
+    """``replace_sender(sender, esmtp_args)``: a new envelope sender."""
 
     sender: str
-    args: str | None = None
+    esmtp_args: str | None = None
 
 
 @attrs.frozen
 class ReplaceBody:
-    """The milter replaces the body: ``body`` is the whole new body, ``chunks`` as sent."""
+    """``append_body_chunk(...)`` calls: ``body`` is the whole new body, ``chunks`` as sent."""
 
     body: bytes
     chunks: tuple[bytes, ...]
@@ -96,7 +92,7 @@ class ReplaceBody:
 
 @attrs.frozen
 class Quarantine:
-    """The milter puts the message in quarantine (the MTA's hold queue)."""
+    """``quarantine(reason)``: the message goes to the MTA's hold queue."""
 
     reason: str
 
@@ -104,11 +100,10 @@ class Quarantine:
 Modification: TypeAlias = (
     AddHeader
     | InsertHeader
-    | ChangeHeader
-    | DeleteHeader
+    | ReplaceHeader
     | AddRecipient
     | RemoveRecipient
-    | ChangeSender
+    | ReplaceSender
     | ReplaceBody
     | Quarantine
 )
@@ -148,9 +143,7 @@ def _modification_of(reply: protocol.Modification) -> Modification | None:
         case protocol.InsertHeader(index=index, name=name, value=value):
             return InsertHeader(index, to_text(name), to_text(value))
         case protocol.ChangeHeader(index=index, name=name, value=value):
-            if not value:
-                return DeleteHeader(index, to_text(name))
-            return ChangeHeader(index, to_text(name), to_text(value))
+            return ReplaceHeader(to_text(name), index, to_text(value) if value else None)
         case protocol.AddRecipient(rcpt=rcpt):
             return AddRecipient(to_text(rcpt))
         case protocol.AddRecipientExt(rcpt=rcpt, args=args):
@@ -158,7 +151,7 @@ def _modification_of(reply: protocol.Modification) -> Modification | None:
         case protocol.DeleteRecipient(rcpt=rcpt):
             return RemoveRecipient(to_text(rcpt))
         case protocol.ChangeSender(sender=sender, args=args):
-            return ChangeSender(to_text(sender), None if args is None else to_text(args))
+            return ReplaceSender(to_text(sender), None if args is None else to_text(args))
         case protocol.Quarantine(reason=reason):
             return Quarantine(to_text(reason))
     return None  # progress
@@ -260,30 +253,24 @@ class EomReply(StepReply):
             for c in self.modifications
         )
 
-    def has_changed_header(
-        self, name: Matcher, value: Matcher = ANY, *, index: IndexMatcher = ANY
+    def has_replaced_header(
+        self, name: Matcher, value: Matcher | None = ANY, *, index: IndexMatcher = ANY
     ) -> bool:
-        """A change to a non-empty value (deletions match `has_deleted_header`)."""
+        """``value=None`` matches only a deletion (``replace_header(name, index, None)``)."""
         return any(
-            isinstance(c, ChangeHeader)
+            isinstance(c, ReplaceHeader)
             and _header(c, name)
-            and match_text(value, c.value)
+            and match_optional(value, c.value)
             and match_index(index, c.index)
             for c in self.modifications
         )
 
-    def has_deleted_header(self, name: Matcher, *, index: IndexMatcher = ANY) -> bool:
-        return any(
-            isinstance(c, DeleteHeader) and _header(c, name) and match_index(index, c.index)
-            for c in self.modifications
-        )
-
-    def has_added_recipient(self, rcpt: Matcher, args: Matcher | None = ANY) -> bool:
-        """``args=None`` matches only a recipient added without ESMTP arguments."""
+    def has_added_recipient(self, rcpt: Matcher, esmtp_args: Matcher | None = ANY) -> bool:
+        """``esmtp_args=None`` matches only a recipient added without ESMTP arguments."""
         return any(
             isinstance(c, AddRecipient)
             and match_text(rcpt, c.rcpt)
-            and match_optional(args, c.args)
+            and match_optional(esmtp_args, c.esmtp_args)
             for c in self.modifications
         )
 
@@ -292,12 +279,12 @@ class EomReply(StepReply):
             isinstance(c, RemoveRecipient) and match_text(rcpt, c.rcpt) for c in self.modifications
         )
 
-    def has_changed_sender(self, sender: Matcher, args: Matcher | None = ANY) -> bool:
-        """``args=None`` matches only a sender changed without ESMTP arguments."""
+    def has_replaced_sender(self, sender: Matcher, esmtp_args: Matcher | None = ANY) -> bool:
+        """``esmtp_args=None`` matches only a sender replaced without ESMTP arguments."""
         return any(
-            isinstance(c, ChangeSender)
+            isinstance(c, ReplaceSender)
             and match_text(sender, c.sender)
-            and match_optional(args, c.args)
+            and match_optional(esmtp_args, c.esmtp_args)
             for c in self.modifications
         )
 
@@ -312,7 +299,7 @@ class EomReply(StepReply):
         )
 
 
-def _header(change: AddHeader | InsertHeader | ChangeHeader | DeleteHeader, name: Matcher) -> bool:
+def _header(change: AddHeader | InsertHeader | ReplaceHeader, name: Matcher) -> bool:
     return match_text(name, change.name, ignore_case=True)
 
 
