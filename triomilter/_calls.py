@@ -69,14 +69,14 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
             coro: Coroutine[Any, Any, object] = handler.func(session.ctx, *args)  # type: ignore[assignment]
             started = _perf_counter()
             try:
-                first = coro.send(None)
+                step = coro.send(None)
             except StopIteration as done:
-                if _perf_counter() - started > session.stall_warning:
-                    session.state.stalled(session, handler, _perf_counter() - started)
-                return done.value
+                step, result = _DONE, done.value
             if _perf_counter() - started > session.stall_warning:
                 session.state.stalled(session, handler, _perf_counter() - started)
-            return await _finish(session, handler, _drive(session, handler, coro, first))
+            if step is _DONE:
+                return result
+            return await _finish(session, handler, _drive(session, handler, coro, step))
         if handler.blocking:
             return await _finish(session, handler, _in_thread(session, handler, args))
         started = _perf_counter()
@@ -86,17 +86,8 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
         if inspect.isawaitable(result):  # an async callable object, say
             return await _finish(session, handler, _await(result))
         return result
-    except ConnectionLost as exc:
-        # The MTA went away while a change was written: this connection ends
-        # (on_abort/on_close), the milter does not.
-        session.log(logging.WARNING, "%s", exc)
-        raise ConnectionEnded from None
-    except MilterError as exc:
-        if handler.returns is Returns.RESULT:
-            return Err(exc)
-        return _unexpected(session, handler, exc)
     except Exception as exc:
-        return _unexpected(session, handler, exc)
+        return _failed(session, handler, exc)
     except BaseExceptionGroup as group:
         # A handler's own nursery failing while being cancelled: the failure
         # counts, the cancellation goes on.
@@ -107,6 +98,21 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
         if cancelled is not None:
             raise cancelled from None
         return outcome
+
+
+_DONE: Any = object()
+
+
+def _failed(session: Session, handler: AnyHandler, exc: Exception) -> object:
+    """What an exception escaping ``handler`` makes of the call."""
+    if isinstance(exc, ConnectionLost):
+        # The MTA went away while a change was written: this connection ends
+        # (on_abort/on_close), the milter does not.
+        session.log(logging.WARNING, "%s", exc)
+        raise ConnectionEnded from None
+    if isinstance(exc, MilterError) and handler.returns is Returns.RESULT:
+        return Err(exc)
+    return _unexpected(session, handler, exc)
 
 
 def _unexpected(session: Session, handler: AnyHandler, exc: BaseException) -> object:

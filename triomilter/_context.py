@@ -138,19 +138,7 @@ def build_error_reply(code: str | int, ext_code: str | None, lines: str | Sequen
                 f"extended code {ext_code} does not match the class of reply code {code_text}"
             )
     texts = [lines] if isinstance(lines, str) else list(lines)
-    if not texts:
-        raise InvalidArgument("a reply needs at least one line")
-    if len(texts) > MAX_REPLY_LINES:
-        raise InvalidArgument(f"a reply has at most {MAX_REPLY_LINES} lines, got {len(texts)}")
-    encoded: list[bytes] = []
-    for text in texts:
-        if not isinstance(text, str):
-            raise InvalidArgument(f"reply lines must be str, not {type(text).__name__}")
-        line = _plain(text, "reply line", empty=True)
-        if len(text) > MAX_REPLY_LINE:
-            raise InvalidArgument(f"a reply line has at most {MAX_REPLY_LINE} characters")
-        # Sendmail treats the text as a format string; Postfix turns %% into %.
-        encoded.append(line.replace(b"%", b"%%"))
+    encoded = _reply_lines(texts)
     head = code_text.encode()
     if len(encoded) == 1:
         if not ext_code:
@@ -169,6 +157,24 @@ def build_error_reply(code: str | int, ext_code: str | None, lines: str | Sequen
     out = [head + b"-" + ext + b" " + line for line in encoded[:-1]]
     out.append(head + b" " + ext + b" " + encoded[-1])
     return b"\r\n".join(out)
+
+
+def _reply_lines(texts: list[str]) -> list[bytes]:
+    """The lines of a custom reply, checked and with ``%`` escaped."""
+    if not texts:
+        raise InvalidArgument("a reply needs at least one line")
+    if len(texts) > MAX_REPLY_LINES:
+        raise InvalidArgument(f"a reply has at most {MAX_REPLY_LINES} lines, got {len(texts)}")
+    encoded: list[bytes] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise InvalidArgument(f"reply lines must be str, not {type(text).__name__}")
+        line = _plain(text, "reply line", empty=True)
+        if len(text) > MAX_REPLY_LINE:
+            raise InvalidArgument(f"a reply line has at most {MAX_REPLY_LINE} characters")
+        # Sendmail treats the text as a format string; Postfix turns %% into %.
+        encoded.append(line.replace(b"%", b"%%"))
+    return encoded
 
 
 class ContextHost(Protocol):

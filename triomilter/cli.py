@@ -202,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check":
         return _check(milter)
+    return _serve(args, milter)
+
+
+def _serve(args: argparse.Namespace, milter: Milter[Any, Any]) -> int:
     try:
         options = _options(args)
     except (TypeError, ValueError) as exc:
@@ -212,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     fd = _fd_spec(args.socket)
     try:
-        spec = parse_socket_spec(args.socket) if fd is None else None
+        if fd is None:
+            parse_socket_spec(args.socket)  # a usage error, before anything starts
     except SocketSpecError as exc:
         print(f"triomilter: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -226,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from ._server import serve
 
-            trio.run(partial(serve, milter, str(spec), options))
+            trio.run(partial(serve, milter, args.socket, options))
     except MilterPanic as exc:
         log.critical("%s", exc)
         return EXIT_PANIC

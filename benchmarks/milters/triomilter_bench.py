@@ -99,7 +99,9 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--eom-only", action="store_true")
     p.add_argument(
-        "--max-connections", type=int, default=20000,
+        "--max-connections",
+        type=int,
+        default=20000,
         help="serve()'s cap on concurrent connections; the peers have none, and W5 holds 10,000",
     )
     a = p.parse_args()

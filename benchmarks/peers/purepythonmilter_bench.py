@@ -51,9 +51,7 @@ async def on_body_chunk(cmd: ppm.BodyChunk) -> ppm.Continue:
 
 
 async def on_end_of_message(cmd: ppm.EndOfMessage) -> ppm.Continue:
-    return ppm.Continue(
-        manipulations=[ppm.AppendHeader(headername="X-Bench", headertext="1")]
-    )
+    return ppm.Continue(manipulations=[ppm.AppendHeader(headername="X-Bench", headertext="1")])
 
 
 async def on_abort(cmd: ppm.Abort) -> None:

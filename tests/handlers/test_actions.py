@@ -8,6 +8,7 @@ bytes, written together with the final reply; invalid ones raise the right
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -383,7 +384,7 @@ async def test_actions_outside_eom_raise_stage_error(
     async def body(ctx: Context[None], chunk: bytes) -> Status:
         return await attempt(ctx)
 
-    handlers: dict[str, Handler[..., object]] = {
+    handlers: dict[str, Handler[Any, object]] = {
         "helo": helo,
         "mail": mail,
         "rcpt": rcpt,

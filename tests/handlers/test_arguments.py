@@ -9,6 +9,7 @@ may be ``async def`` or plain ``def``.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -112,7 +113,7 @@ def text_milter(seen: Seen) -> Milter:
         seen.append(("unknown", command))
         return Status.CONTINUE
 
-    handlers: list[Handler[..., object]] = [negotiate, connect, helo, mail, rcpt, data, header]
+    handlers: list[Handler[Any, object]] = [negotiate, connect, helo, mail, rcpt, data, header]
     handlers += [eoh, body, eom, abort, close, unknown]
     return Milter("text", handlers=handlers)
 
@@ -186,7 +187,7 @@ def bytes_milter(seen: Seen) -> Milter:
         seen.append(("unknown", command))
         return Status.CONTINUE
 
-    handlers: list[Handler[..., object]] = [negotiate, connect, helo, mail, rcpt, data, header]
+    handlers: list[Handler[Any, object]] = [negotiate, connect, helo, mail, rcpt, data, header]
     handlers += [eoh, body, eom, abort, close, unknown]
     return Milter("raw", handlers=handlers)
 
@@ -376,7 +377,7 @@ def str_milter_for(stage: str, seen: Seen) -> Milter:
         seen.append(("unknown",))
         return Status.CONTINUE
 
-    handlers: dict[str, Handler[..., object]] = {
+    handlers: dict[str, Handler[Any, object]] = {
         "connect": connect,
         "helo": helo,
         "mail": mail,

@@ -373,7 +373,7 @@ def test_accepted_spellings() -> None:
     ) -> Ok[Status] | Err:
         return Ok(Status.CONTINUE)
 
-    def connect3(ctx: Context, hostname: str, address: SocketInfo | None) -> Result[Status]:  # type: ignore[type-arg]
+    def connect3(ctx: Context, hostname: str, address: SocketInfo | None) -> Result[Status]:
         return Ok(Status.CONTINUE)
 
     def negotiate(

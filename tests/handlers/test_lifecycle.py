@@ -20,6 +20,7 @@ import trio
 from triomilter import (
     Actions,
     ConnectionLost,
+    ConnectionTasks,
     Context,
     Err,
     Milter,
@@ -282,7 +283,7 @@ async def test_background_work_started_at_connect_awaited_at_eom(
 
 
 async def test_connection_nursery_is_per_connection(open_milter: OpenMilter) -> None:
-    nurseries: list[trio.Nursery] = []
+    nurseries: list[ConnectionTasks] = []
 
     @on_helo
     async def helo(ctx: Context[None], hostname: str) -> Status:

@@ -9,6 +9,8 @@ name.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from triomilter import (
@@ -98,7 +100,7 @@ def probing(seen: list[tuple[str, dict[str, str | None]]]) -> Milter:
         look(ctx, f"unknown {command}")
         return Status.CONTINUE
 
-    handlers: list[Handler[..., object]] = [connect, helo, mail, rcpt, data, eoh]
+    handlers: list[Handler[Any, object]] = [connect, helo, mail, rcpt, data, eoh]
     handlers += [eom, abort, close, unknown]
     return Milter("probe", handlers=handlers)
 
@@ -295,9 +297,9 @@ async def test_non_utf8_macro_values(open_milter: OpenMilter) -> None:
         return Status.CONTINUE
 
     async with open_milter(Milter("raw", handlers=[mail])) as client:
-        assert await client.mail(
-            "<a@b>", macros={"{auth_authen}": b"j\xf6rg"}
-        ) == StepReply(Status.CONTINUE)
+        assert await client.mail("<a@b>", macros={"{auth_authen}": b"j\xf6rg"}) == StepReply(
+            Status.CONTINUE
+        )
     assert results == [b"j\xf6rg", "j\ufffdrg"]
 
 

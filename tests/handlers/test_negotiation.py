@@ -8,6 +8,7 @@ offered, CONTINUE uses the returned flags, REJECT refuses the connection.
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import attrs
 import pytest
@@ -245,7 +246,7 @@ def test_milter_is_immutable() -> None:
         milter.macros[MacroStage.HELO] = "x"  # type: ignore[index]
     assert dict(milter.handlers) == {Stage.CONNECT: connect, Stage.EOM: tag}
     # Changing the list given does not change the milter.
-    handlers: list[triomilter.Handler[..., object]] = [connect]
+    handlers: list[triomilter.Handler[Any, object]] = [connect]
     other = Milter("copy", handlers=handlers)
     handlers.append(tag)
     assert list(other.handlers) == [Stage.CONNECT]

@@ -38,7 +38,9 @@ def drain(reader: FrameReader) -> list[tuple[int, bytes]]:
     return out
 
 
-def read_in_pieces(pieces: list[bytes], max_data_size: int = MAX_DATA_SIZE) -> list:
+def read_in_pieces(
+    pieces: list[bytes], max_data_size: int = MAX_DATA_SIZE
+) -> list[tuple[int, bytes]]:
     reader = FrameReader(max_data_size)
     out = []
     for piece in pieces:

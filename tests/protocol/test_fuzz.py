@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
@@ -290,20 +291,23 @@ MTA_SCRIPT: list[Command] = [
     Connect(b"client.example", AF.INET, 25, b"192.0.2.1"),
     Helo(b"client.example"),
     *(
-        [
-            DefineMacros(ord("M"), ((b"i", b"Q1"),)),
-            Mail((b"<a@b>",)),
-            Rcpt((b"<c@d>",)),
-            Rcpt((b"<e@f>",)),
-            DATA,
-            Header(b"Subject", b"hi"),
-            END_OF_HEADERS,
-            Body(b"body\r\n"),
-            Body(b"more\r\n"),
-            EndOfMessage(),
-            ABORT,
-            Unknown(b"HELP"),
-        ]
+        cast(
+            list[Command],
+            [
+                DefineMacros(ord("M"), ((b"i", b"Q1"),)),
+                Mail((b"<a@b>",)),
+                Rcpt((b"<c@d>",)),
+                Rcpt((b"<e@f>",)),
+                DATA,
+                Header(b"Subject", b"hi"),
+                END_OF_HEADERS,
+                Body(b"body\r\n"),
+                Body(b"more\r\n"),
+                EndOfMessage(),
+                ABORT,
+                Unknown(b"HELP"),
+            ],
+        )
         * 2
     ),
     QUIT,

@@ -4,6 +4,7 @@ reply-driven resets, macro scoping and negotiation (protocol.md §3-§7)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import pytest
 
@@ -82,7 +83,7 @@ UNK = frame("U", strings(b"HELP"))
 TO_BODY = MAIL + RCPT + DATA + HDR + EOH + BODY
 
 
-def kinds(evs: list) -> list[str]:
+def kinds(evs: Sequence[object]) -> list[str]:
     return [type(e).__name__ for e in evs]
 
 
@@ -737,7 +738,14 @@ def test_unencodable_reply_leaves_the_state_alone() -> None:
 
 # --- reply-driven resets -------------------------------------------------------------
 
-ENDING = [ACCEPT, REJECT, TEMPFAIL, DISCARD, ReplyWithCode(b"451 4.7.1 later"), SHUTDOWN]
+ENDING: list[Reply] = [
+    ACCEPT,
+    REJECT,
+    TEMPFAIL,
+    DISCARD,
+    ReplyWithCode(b"451 4.7.1 later"),
+    SHUTDOWN,
+]
 ENDING_IDS = [chr(r.code) for r in ENDING]
 
 

@@ -88,7 +88,7 @@ def at(code: str, actions: Actions = ALL_ACTIONS, opts: ProtocolOpts = P.SKIP) -
         "E": (MAIL, RCPT, DATA, HEADER, END_OF_HEADERS, BODY),
         "U": (),
     }
-    last = {
+    last: dict[str, Command] = {
         "C": CONNECT,
         "H": HELO,
         "M": MAIL,

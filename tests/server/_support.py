@@ -126,7 +126,7 @@ def connection_records(
 async def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
     """Poll ``predicate()`` until true (bounded); for state only observable by polling."""
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - state only observable by polling
             await trio.sleep(0.01)
 
 
@@ -178,7 +178,7 @@ class Proc:
     async def wait(self, timeout: float = TIMEOUT) -> int:
         """Wait (bounded) for the exit status."""
         with trio.fail_after(timeout):
-            while self.popen.poll() is None:
+            while self.popen.poll() is None:  # noqa: ASYNC110 - a subprocess.Popen exit has no trio event
                 await trio.sleep(0.02)
         return self.popen.returncode
 

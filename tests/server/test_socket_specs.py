@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from triomilter import SocketFamily
 from triomilter._sockets import SocketSpec, SocketSpecError, parse_socket_spec
 from triomilter.protocol import Continue
 
@@ -78,17 +79,17 @@ async def test_address_in_use_is_a_socket_spec_error() -> None:
 @pytest.mark.parametrize(
     ("spec", "parsed"),
     [
-        ("inet:8894", SocketSpec("inet", "", 8894)),
-        ("inet:8894@127.0.0.1", SocketSpec("inet", "127.0.0.1", 8894)),
-        ("INET:8894@127.0.0.1", SocketSpec("inet", "127.0.0.1", 8894)),
-        ("Inet6:8894@::1", SocketSpec("inet6", "::1", 8894)),
-        ("inet6:8894@[::1]", SocketSpec("inet6", "::1", 8894)),
-        ("inet:smtp@127.0.0.1", SocketSpec("inet", "127.0.0.1", 25)),
-        ("inet:0@localhost", SocketSpec("inet", "localhost", 0)),
-        ("unix:/run/milter.sock", SocketSpec("unix", path="/run/milter.sock")),
-        ("local:/run/milter.sock", SocketSpec("unix", path="/run/milter.sock")),
-        ("LOCAL:/run/milter.sock", SocketSpec("unix", path="/run/milter.sock")),
-        ("/run/milter.sock", SocketSpec("unix", path="/run/milter.sock")),
+        ("inet:8894", SocketSpec(SocketFamily.INET, "", 8894)),
+        ("inet:8894@127.0.0.1", SocketSpec(SocketFamily.INET, "127.0.0.1", 8894)),
+        ("INET:8894@127.0.0.1", SocketSpec(SocketFamily.INET, "127.0.0.1", 8894)),
+        ("Inet6:8894@::1", SocketSpec(SocketFamily.INET6, "::1", 8894)),
+        ("inet6:8894@[::1]", SocketSpec(SocketFamily.INET6, "::1", 8894)),
+        ("inet:smtp@127.0.0.1", SocketSpec(SocketFamily.INET, "127.0.0.1", 25)),
+        ("inet:0@localhost", SocketSpec(SocketFamily.INET, "localhost", 0)),
+        ("unix:/run/milter.sock", SocketSpec(SocketFamily.UNIX, path="/run/milter.sock")),
+        ("local:/run/milter.sock", SocketSpec(SocketFamily.UNIX, path="/run/milter.sock")),
+        ("LOCAL:/run/milter.sock", SocketSpec(SocketFamily.UNIX, path="/run/milter.sock")),
+        ("/run/milter.sock", SocketSpec(SocketFamily.UNIX, path="/run/milter.sock")),
     ],
 )
 def test_libmilter_forms_parse(spec: str, parsed: SocketSpec) -> None:

@@ -48,9 +48,9 @@ async def test_records_what_the_handler_did() -> None:
 
 async def test_validates_like_a_session() -> None:
     with pytest.raises(StageError):
-        await eom(HandlerContext(stage=Stage.RCPT).ctx)
+        await eom(HandlerContext[list[str]](stage=Stage.RCPT).ctx)
     with pytest.raises(ActionNotNegotiated):
-        await eom(HandlerContext(actions=Actions.REPLACE_BODY).ctx)
+        await eom(HandlerContext[list[str]](actions=Actions.REPLACE_BODY).ctx)
 
 
 async def test_error_reply() -> None:

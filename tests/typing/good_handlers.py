@@ -103,8 +103,21 @@ async def unknown(ctx: Context[list[str]], command: str) -> Status:
 
 milter = Milter(
     "good",
-    handlers=[negotiate, connect, helo, mail, rcpt, data, header, eoh, body, eom, abort, close,
-              unknown],
+    handlers=[
+        negotiate,
+        connect,
+        helo,
+        mail,
+        rcpt,
+        data,
+        header,
+        eoh,
+        body,
+        eom,
+        abort,
+        close,
+        unknown,
+    ],
     actions=Actions.ADD_HEADER,
 )
 

@@ -15,8 +15,14 @@ ROOT = HERE.parent.parent
 
 def run_mypy(path: Path) -> tuple[str, int]:
     stdout, stderr, status = mypy_api.run(
-        ["--strict", "--no-error-summary", "--show-error-codes", "--config-file",
-         str(ROOT / "pyproject.toml"), str(path)]
+        [
+            "--strict",
+            "--no-error-summary",
+            "--show-error-codes",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            str(path),
+        ]
     )
     return stdout + stderr, status
 

@@ -74,9 +74,7 @@ async def test_writes_of_a_handler_and_its_background_task_do_not_overlap() -> N
     slow = SlowStream(server_stream)
     state = ServerState()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            serve_connection, ticking_milter(), slow, state
-        )
+        nursery.start_soon(serve_connection, ticking_milter(), slow, state)
         async with open_stream(client_stream) as client:
             await client.connect("mx", None)
             await client.mail("<a@b>")

@@ -1,4 +1,4 @@
-"""Edge cases of failure handling found in review."""
+"""Edge cases of failure handling: async callables, failing nurseries, a lost MTA."""
 
 from __future__ import annotations
 
