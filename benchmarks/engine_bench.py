@@ -39,6 +39,8 @@ from collections.abc import Callable
 
 from triomilter.protocol import (
     ABORT,
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     CONTINUE,
     DATA,
     END_OF_HEADERS,
@@ -60,7 +62,7 @@ from triomilter.protocol import (
     negotiate,
 )
 
-OFFER = OptionNegotiation(6, Actions(0x1FF), ProtocolOpts(0x1FFFFF)).encode()
+OFFER = OptionNegotiation(6, ALL_ACTIONS, ALL_PROTOCOL_OPTS).encode()
 QID = b"4ABC123DEF"
 ADD_HEADER = AddHeader(b"X-Bench", b"1")
 

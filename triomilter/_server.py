@@ -86,7 +86,11 @@ async def serve_listener(
     options = options if options is not None else ServerOptions()
     _fit_descriptors(options.max_connections)
     server = _Server(milter, listener, options)
-    await server.run(task_status, shutdown)
+    try:
+        await server.run(task_status, shutdown)
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
     if server.state.panic is not None:
         raise MilterPanic(
             f"milter {milter.name!r} shut down after a handler panicked: {server.state.panic!r}"

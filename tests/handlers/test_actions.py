@@ -33,6 +33,7 @@ from triomilter import (
     on_rcpt,
 )
 from triomilter import Milter as M
+from triomilter.protocol import ALL_ACTIONS
 from triomilter.testing import (
     AddHeader,
     AddRecipient,
@@ -47,7 +48,7 @@ from triomilter.testing import (
 
 from ._support import OpenMilter, open_sniffed, packet
 
-ALL = Actions(0x1FF) & ~Actions.REQUEST_MACROS
+ALL = ALL_ACTIONS & ~Actions.REQUEST_MACROS
 Action = Callable[[ContextApi], Awaitable[None]]
 
 

@@ -46,13 +46,13 @@ async def test_mta_gone_while_changes_are_written_ends_only_that_connection() ->
     """ConnectionLost in a Status handler is not a panic: the MTA went away."""
     from triomilter import Actions, on_close, on_eom, serve
     from triomilter.protocol import (
-        Actions as WireActions,
-    )
-    from triomilter.protocol import (
+        ALL_PROTOCOL_OPTS,
         EndOfMessage,
         MtaConnection,
         OptionNegotiation,
-        ProtocolOpts,
+    )
+    from triomilter.protocol import (
+        Actions as WireActions,
     )
 
     closed = trio.Event()
@@ -81,7 +81,7 @@ async def test_mta_gone_while_changes_are_written_ends_only_that_connection() ->
             stream = await trio.open_tcp_stream(host, port)
             mta = MtaConnection()
             await stream.send_all(
-                mta.send(OptionNegotiation(6, WireActions(0x1FF), ProtocolOpts(0x1FFFFF)))
+                mta.send(OptionNegotiation(6, WireActions(0x1FF), ALL_PROTOCOL_OPTS))
             )
             while mta.awaiting is not None:
                 mta.receive_data(await stream.receive_some())
@@ -97,7 +97,7 @@ async def test_mta_gone_while_changes_are_written_ends_only_that_connection() ->
             other = await trio.open_tcp_stream(host, port)
             mta2 = MtaConnection()
             await other.send_all(
-                mta2.send(OptionNegotiation(6, WireActions(0x1FF), ProtocolOpts(0x1FFFFF)))
+                mta2.send(OptionNegotiation(6, WireActions(0x1FF), ALL_PROTOCOL_OPTS))
             )
             assert await other.receive_some()
             await other.aclose()

@@ -31,7 +31,7 @@ from triomilter import (
     on_negotiate,
     on_unknown,
 )
-from triomilter.protocol import NO_STAGE_OPTS
+from triomilter.protocol import ALL_PROTOCOL_OPTS, NO_STAGE_OPTS
 from triomilter.testing import (
     POSTFIX_ACTIONS,
     AddHeader,
@@ -156,7 +156,7 @@ async def test_continue_uses_the_returned_flags_exactly(open_milter: OpenMilter)
         assert client.negotiated_actions == Actions.ADD_HEADER | Actions.REPLACE_BODY
         assert client.negotiated_opts == opts
         assert await client.helo("mx") == StepReply(Status.NOREPLY)
-    assert seen == [(POSTFIX_ACTIONS, ProtocolOpts(0x1FFFFF))]
+    assert seen == [(POSTFIX_ACTIONS, ALL_PROTOCOL_OPTS)]
 
 
 @pytest.mark.parametrize("status", [Status.REJECT, Status.TEMPFAIL, Status.SKIP])

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from hypothesis import HealthCheck, settings
 
 from triomilter.protocol import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     CONTINUE,
     Actions,
     AddressFamily,
@@ -36,8 +38,8 @@ FUZZ_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-ALL_ACTIONS = Actions(0x1FF)
-ALL_OPTS = ProtocolOpts(0x1FFFFF)
+ALL_ACTIONS = ALL_ACTIONS
+ALL_OPTS = ALL_PROTOCOL_OPTS
 POSTFIX_OFFER = OptionNegotiation(6, ALL_ACTIONS, ALL_OPTS)
 POSTFIX_OFFER_BYTES = bytes.fromhex("0000000D 4F 00000006 000001FF 001FFFFF")
 

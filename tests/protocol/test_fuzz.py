@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 
 from triomilter.protocol import (
     ABORT,
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     CONTINUE,
     DATA,
     END_OF_HEADERS,
@@ -108,7 +110,7 @@ SESSION = b"".join(SESSION_FRAMES)
 WISHES: list[tuple[Actions, ProtocolOpts]] = [
     (Actions.NONE, P.NONE),
     (Actions.ADD_HEADER, P(0x3DF)),
-    (Actions(0x1FF), P.SKIP | P.HEADER_LEADING_SPACE),
+    (ALL_ACTIONS, P.SKIP | P.HEADER_LEADING_SPACE),
     (Actions.ADD_HEADER | Actions.REPLACE_BODY, P.NOREPLY_HEADER | P.NOREPLY_RCPT | P.NO_HELO),
     (Actions.NONE, P.NO_DATA | P.NO_UNKNOWN | P.NOREPLY_CONNECT | P.NOREPLY_BODY),
 ]
@@ -351,7 +353,7 @@ def run_mta(pieces: Sequence[bytes]) -> tuple[list[object], str | None]:
     """Send the script as the state allows, feeding reply bytes in ``pieces``."""
     conn = MtaConnection()
     script = iter(MTA_SCRIPT)
-    sent: list[bytes] = [conn.send(OptionNegotiation(6, Actions(0x1FF), P(0x1FFFFF)))]
+    sent: list[bytes] = [conn.send(OptionNegotiation(6, ALL_ACTIONS, ALL_PROTOCOL_OPTS))]
     seen: list[object] = []
 
     def advance() -> None:

@@ -11,6 +11,8 @@ import pytest
 from triomilter.protocol import (
     ABORT,
     ACCEPT,
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     CONTINUE,
     DISCARD,
     PROGRESS,
@@ -580,7 +582,7 @@ REPLY_OF: dict[str, Reply] = {
 }
 
 
-ALL_ACTIONS = A(0x1FF)
+ALL_ACTIONS = ALL_ACTIONS
 
 
 def at(stage: str, actions: Actions = ALL_ACTIONS, opts: ProtocolOpts = P.SKIP) -> MilterConnection:
@@ -666,7 +668,7 @@ def test_modification_at_eom_with_its_action(reply: Reply, action: Actions) -> N
 
 @pytest.mark.parametrize(("reply", "action"), MODIFICATIONS, ids=MOD_IDS)
 def test_modification_without_its_action(reply: Reply, action: Actions) -> None:
-    conn = at("E", actions=A(0x1FF) & ~action)
+    conn = at("E", actions=ALL_ACTIONS & ~action)
     with pytest.raises(LocalProtocolError, match=r"needs the .* action, which was not negotiated"):
         conn.send(reply)
     assert conn.owed == ord("E")
@@ -960,13 +962,13 @@ def test_quit_clears_all_macros() -> None:
 
 @pytest.mark.parametrize(("offered", "agreed"), [(2, 2), (3, 3), (6, 6), (7, 6), (2**32 - 1, 6)])
 def test_version_is_the_lower_one(offered: int, agreed: int) -> None:
-    offer = OptionNegotiation(offered, A(0x1FF), P(0x1FFFFF))
+    offer = OptionNegotiation(offered, ALL_ACTIONS, ALL_PROTOCOL_OPTS)
     assert negotiate(offer, A.NONE, P.NONE).version == agreed
 
 
 @pytest.mark.parametrize("version", [0, 1])
 def test_version_below_2_fails(version: int) -> None:
-    offer = OptionNegotiation(version, A(0x1FF), P(0x1FFFFF))
+    offer = OptionNegotiation(version, ALL_ACTIONS, ALL_PROTOCOL_OPTS)
     with pytest.raises(NegotiationError, match=f"version {version} is below 2"):
         negotiate(offer, A.NONE, P.NONE)
     with pytest.raises(NegotiationError):
@@ -1111,7 +1113,7 @@ def test_accept_negotiation_when_none_is_waiting() -> None:
 
 def test_accept_negotiation_returns_the_reply_bytes_and_keeps_faked_noreply() -> None:
     conn = MilterConnection()
-    offer = one_event(conn, OptionNegotiation(3, A(0x1FF), P(0x17F)).encode())
+    offer = one_event(conn, OptionNegotiation(3, ALL_ACTIONS, P(0x17F)).encode())
     assert isinstance(offer, OptionNegotiation)
     agreed = negotiate(offer, A.ADD_HEADER, P.NOREPLY_HEADER | P.NO_UNKNOWN)
     wire = conn.accept_negotiation(agreed)

@@ -12,6 +12,7 @@ import pytest
 from triomilter.protocol import (
     ABORT,
     ACCEPT,
+    ALL_ACTIONS,
     CONTINUE,
     DATA,
     END_OF_HEADERS,
@@ -71,7 +72,7 @@ def drive(conn: MtaConnection, *commands: Command) -> None:
             assert feed_replies(conn, C_) == [CONTINUE]
 
 
-ALL_ACTIONS = Actions(0x1FF)
+ALL_ACTIONS = ALL_ACTIONS
 
 
 def at(code: str, actions: Actions = ALL_ACTIONS, opts: ProtocolOpts = P.SKIP) -> MtaConnection:
@@ -476,7 +477,7 @@ def test_modifications_only_at_eom_and_only_if_negotiated(wire: bytes, action: A
     assert feed_replies(conn, C_) == [CONTINUE]
     assert conn.state is State.SESSION
 
-    conn = at("E", actions=A(0x1FF) & ~action)
+    conn = at("E", actions=ALL_ACTIONS & ~action)
     with pytest.raises(RemoteProtocolError, match=r"needs the .* action, which was not negotiated"):
         feed_replies(conn, wire)
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from triomilter.protocol import (
     ABORT,
     ACCEPT,
+    ALL_ACTIONS,
     CONTINUE,
     DATA,
     DISCARD,
@@ -171,7 +172,7 @@ class Pair:
     """An MTA and a milter connection wired together, the milter answering CONTINUE."""
 
     def __init__(self) -> None:
-        actions, opts = Actions(0x1FF), ProtocolOpts.SKIP
+        actions, opts = ALL_ACTIONS, ProtocolOpts.SKIP
         self.mta = MtaConnection()
         self.milter = MilterConnection()
         offer = one_event(self.milter, self.mta.send(POSTFIX_OFFER))

@@ -15,11 +15,12 @@ import trio
 
 from triomilter.protocol import (
     ABORT,
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     DATA,
     END_OF_HEADERS,
     NEED_DATA,
     QUIT,
-    Actions,
     AddressFamily,
     Body,
     Command,
@@ -33,12 +34,11 @@ from triomilter.protocol import (
     MtaConnection,
     OptionNegotiation,
     OptionNegotiationReply,
-    ProtocolOpts,
     Rcpt,
     Reply,
 )
 
-POSTFIX_OFFER = OptionNegotiation(6, Actions(0x1FF), ProtocolOpts(0x1FFFFF))
+POSTFIX_OFFER = OptionNegotiation(6, ALL_ACTIONS, ALL_PROTOCOL_OPTS)
 """What Postfix offers (protocol.md §4.1): every action and every protocol step."""
 
 

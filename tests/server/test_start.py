@@ -1,16 +1,21 @@
-"""Starting serve(): nursery.start with the bound address, trio.run, inet, inet6, unix."""
+"""Starting serve() and serve_listener(): the bound address, trio.run, inet, inet6, unix, fd."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket as stdsocket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from triomilter import ServerOptions, serve_listener
+from triomilter._sockets import SocketSpecError, listener_from_fd
 from triomilter.protocol import AddHeader, Continue
 
 from ._mta import RawMta
@@ -184,3 +189,79 @@ async def test_a_draining_server_leaves_its_successors_socket_alone(sock_dir: Pa
                 assert path.exists()
                 await full_transaction(new.address)
             assert not path.exists()
+
+
+# --- serve_listener: a listener opened by someone else ------------------------------------
+
+
+async def test_serve_listener_on_a_tcp_listener_opened_here() -> None:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    options = ServerOptions(handle_signals=False)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_listener, milter, listener, options)
+        assert address == listener.socket.getsockname()
+        await full_transaction(address)
+        await full_transaction(address)
+        nursery.cancel_scope.cancel()
+    # serve_listener owns the listener it was given: closed when it returns.
+    assert listener.socket.fileno() == -1
+
+
+async def test_serve_listener_on_a_unix_listener_and_a_shutdown_event(sock_dir: Path) -> None:
+    path = str(sock_dir / "given.sock")
+    sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+    listener = trio.SocketListener(sock)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            functools.partial(
+                serve_listener,
+                milter,
+                listener,
+                ServerOptions(handle_signals=False),
+                shutdown=shutdown,
+            )
+        )
+        assert address == path
+        await full_transaction(address)
+        shutdown.set()  # returns by itself, after the drain
+    assert listener.socket.fileno() == -1
+    assert Path(path).is_socket()  # noqa: ASYNC240 - the file is the opener's to remove
+
+
+async def test_serve_listener_from_an_inherited_descriptor() -> None:
+    """``--socket fd:N`` (workers, systemd): a listening socket known only by its number."""
+    with stdsocket.socket() as parent:
+        parent.bind(("127.0.0.1", 0))
+        parent.listen()
+        fd = os.dup(parent.fileno())
+    listener = listener_from_fd(fd)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            serve_listener, milter, listener, ServerOptions(handle_signals=False)
+        )
+        await full_transaction(address)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: stdsocket.socket().detach(), "is not listening"),
+        (lambda: stdsocket.socket(type=stdsocket.SOCK_DGRAM).detach(), "not a stream socket"),
+        (lambda: 987654, "not an open socket"),
+    ],
+    ids=["not-listening", "datagram", "closed"],
+)
+def test_listener_from_fd_refuses_what_it_cannot_serve(
+    make: Callable[[], int], message: str
+) -> None:
+    fd = make()
+    try:
+        with pytest.raises(SocketSpecError, match=message):
+            listener_from_fd(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)

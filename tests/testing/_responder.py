@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from triomilter.protocol import (
+    ALL_ACTIONS,
     CONTINUE,
     NEED_DATA,
     Actions,
@@ -48,7 +49,7 @@ Answer = Sequence[Reply | bytes | float | Marker]
 Script = Callable[[Command, MilterConnection], Answer | None]
 """Returns what to send for a command; ``None`` means the default (CONTINUE if owed)."""
 
-ALL_ACTIONS = Actions(0x1FF)
+ALL_ACTIONS = ALL_ACTIONS
 
 
 def raw(code: str, data: bytes = b"") -> bytes:

@@ -20,6 +20,7 @@ from triomilter import (
     SocketInfo,
     Status,
 )
+from triomilter.protocol import ALL_ACTIONS, ALL_PROTOCOL_OPTS
 from triomilter.testing import (
     AddHeader,
     InsertHeader,
@@ -109,7 +110,7 @@ async def eom(ctx: Context[list[str]]) -> Status:
 EVERYTHING = Milter(
     "everything",
     handlers=[connect, helo, mail, rcpt, header, body, eom],
-    actions=Actions(0x1FF) & ~Actions.REQUEST_MACROS,
+    actions=ALL_ACTIONS & ~Actions.REQUEST_MACROS,
     protocol_opts=ProtocolOpts.SKIP,
     macros={MacroStage.MAIL: "{auth_authen}"},
 )
@@ -268,7 +269,7 @@ async def test_milter_client_factory_fixture(
     milter_client_factory: OpenClient,
 ) -> None:
     # An MTA without NOREPLY_HEADER: the milter answers headers after all.
-    offer = ProtocolOpts(0x1FFFFF) & ~ProtocolOpts.NOREPLY_HEADER
+    offer = ALL_PROTOCOL_OPTS & ~ProtocolOpts.NOREPLY_HEADER
     async with milter_client_factory(NOREPLY_HEADERS, opts=offer) as client:
         assert not client.negotiated_opts & ProtocolOpts.NOREPLY_HEADER
         await client.mail("<a@b>")

@@ -71,6 +71,8 @@ from ._constants import (
 from ._constants import (
     V2_PROTOCOL as V2_PROTOCOL,
 )
+from ._constants import command_name as command_name
+from ._constants import reply_name as reply_name
 from ._errors import LocalProtocolError, NegotiationError, ProtocolError, RemoteProtocolError
 from ._framing import NEED_DATA, NeedData
 from ._framing import FrameReader as FrameReader

@@ -36,6 +36,8 @@ from .._context import SocketFamily, SocketInfo
 from .._status import Status
 from ..protocol import (
     ABORT,
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     CHUNK_SIZE,
     DATA,
     END_OF_HEADERS,
@@ -64,9 +66,9 @@ from ..protocol import (
     Rcpt,
     ReplyCode,
     Unknown,
+    command_name,
 )
 from ..protocol import Reply as WireReply
-from ..protocol._constants import command_name
 from ._errors import MilterClosed, MilterTimeout
 from ._matchers import to_bytes, to_text
 from ._results import EomReply, StepReply, modifications_of, status_of, step_reply
@@ -89,9 +91,9 @@ Macros: TypeAlias = Mapping[str, Text] | Mapping[bytes, Text]
 """Macro values by name: ``{"i": "4AB12", "{auth_authen}": "alice"}``."""
 
 POSTFIX_VERSION = 6
-POSTFIX_ACTIONS = Actions(0x1FF)
-"""What Postfix 3.x offers: every action."""
-POSTFIX_OPTS = ProtocolOpts(0x1FFFFF)
+POSTFIX_ACTIONS = ALL_ACTIONS
+"""What Postfix 3.x offers: every action (as Sendmail 8.14+ does)."""
+POSTFIX_OPTS = ALL_PROTOCOL_OPTS
 """What Postfix 3.x offers: every protocol step of version 6."""
 DEFAULT_TIMEOUT = 10.0
 
