@@ -48,9 +48,9 @@ def test_options_win_over_the_milters_deadlines() -> None:
         ("thread_limit", 0, ValueError),
     ],
 )
-def test_validated_once_when_made(field: str, value: object, error: type[Exception]) -> None:
+def test_validated_once_when_made(field: str, value: Any, error: type[Exception]) -> None:
     with pytest.raises(error, match=field):
-        ServerOptions(**{field: value})
+        attrs.evolve(ServerOptions(), **{field: value})
 
 
 def test_the_serve_keyword_arguments_are_the_fields() -> None:
