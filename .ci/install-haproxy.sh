@@ -77,10 +77,10 @@ fi
 for comm in /proc/[0-9]*/comm; do
     [ "$(cat "$comm" 2>/dev/null)" = haproxy ] || continue
     dir=${comm%/comm}
-    if tr '\0' ' ' <"$dir/cmdline" 2>/dev/null | grep -q '/etc/haproxy/'; then
+    if tr '\0' ' ' 2>/dev/null <"$dir/cmdline" | grep -q '/etc/haproxy/'; then
         echo "install-haproxy.sh: a system haproxy still runs (${dir#/proc/})" >&2
         exit 1
     fi
 done
 
-haproxy -v | head -n 1 | sed 's/^/installed: /'
+haproxy -v | sed -n '1s/^/installed: /p'  # sed reads it all: no SIGPIPE under pipefail
