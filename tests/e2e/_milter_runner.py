@@ -206,7 +206,8 @@ def use_milter(
 
 
 class CliMilter:
-    """``python -m triomilter serve TARGET`` on a free loopback port."""
+    """``python -m triomilter serve TARGET`` on a free loopback port, or on
+    ``port`` (e.g. to restart a milter at the address it had)."""
 
     def __init__(
         self,
@@ -214,11 +215,13 @@ class CliMilter:
         *extra_args: str,
         env: dict[str, str] | None = None,
         start_timeout: float = 20.0,
+        port: int = 0,
     ) -> None:
         self.target = target
         self.extra_args = list(extra_args)
         self.env = {**os.environ, **(env or {})}
         self.start_timeout = start_timeout
+        self._requested_port = port
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         fd, self.log_path = tempfile.mkstemp(prefix="triomilter-cli-", suffix=".log")
@@ -230,7 +233,7 @@ class CliMilter:
 
     def start(self) -> CliMilter:
         for attempt in range(3):
-            self.port = free_port()
+            self.port = self._requested_port or free_port()
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     [
@@ -259,7 +262,8 @@ class CliMilter:
                 time.sleep(0.01)
             else:
                 return self
-            if "address already in use" not in self.log_text().lower() or attempt == 2:
+            in_use = "address already in use" in self.log_text().lower()
+            if not in_use or self._requested_port or attempt == 2:
                 raise RuntimeError(
                     f"{self.target}: exited {self.proc.returncode} at start\n{self.log_text()}"
                 )
