@@ -41,7 +41,7 @@ class TestHeaderTagger:
 
     async def test_tags_every_message_with_the_client(self, milter_client: MilterClient) -> None:
         reply = await milter_client.connect("mx.example", ("192.0.2.1", 25))
-        assert reply.status is Status.CONTINUE
+        assert reply.status is Status.NOREPLY  # on_connect -> None: NOREPLY_CONNECT
         await milter_client.helo("mx.example")  # not sent: no on_helo
         for _ in range(2):  # the client is remembered for every message of the connection
             result = await milter_client.send_message(
@@ -57,7 +57,26 @@ class TestHeaderTagger:
         assert milter_client.negotiated_actions == Actions.ADD_HEADER
         opts = milter_client.negotiated_opts
         assert not opts & ProtocolOpts.NO_CONNECT
+        assert opts & ProtocolOpts.NOREPLY_CONNECT
         assert opts & ProtocolOpts.NO_HELO and opts & ProtocolOpts.NO_BODY
+
+    @pytest.mark.parametrize(
+        ("hostname", "tag"),
+        [
+            (b"evil\r\nX-Injected: yes", "evil  X-Injected: yes [192.0.2.1]"),
+            (b"j\xf6rg.example", "j\ufffdrg.example [192.0.2.1]"),
+            (b"nul\x01byte", "nul byte [192.0.2.1]"),
+        ],
+        ids=["cr-lf", "not-utf8", "control"],
+    )
+    async def test_survives_any_host_name(
+        self, milter_client: MilterClient, hostname: bytes, tag: str
+    ) -> None:
+        """Reverse DNS is the client's to choose: nothing it says stops the milter."""
+        await milter_client.connect(hostname, ("192.0.2.1", 25))
+        result = await milter_client.send_message("<a@b>", "<c@d>")
+        assert result.status is Status.CONTINUE
+        assert result.modifications == [AddHeader("X-Triomilter-Tagged", tag)]
 
     @pytest.mark.parametrize(
         ("hostname", "address", "tag"),
