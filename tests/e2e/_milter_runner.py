@@ -1,4 +1,5 @@
-"""Run triomilter milters as real servers for the Postfix end-to-end tests.
+"""Run triomilter milters as real servers for the Postfix and Sendmail
+end-to-end tests.
 
 * `ThreadedMilter`: ``trio.run(triomilter.serve, ...)`` in a background thread,
   on a free loopback port, stopped through serve()'s ``shutdown`` event (then
@@ -6,7 +7,8 @@
   what they saw into a thread-safe `Recorder`.
 * `CliMilter`: ``python -m triomilter serve TARGET --socket inet:PORT@127.0.0.1``
   as a subprocess (the examples, panics, signals), output to a log file.
-* `use_milter()`: start a threaded milter and point the test's Postfix at it.
+* `use_milter()`: start a threaded milter and point the test's Postfix at it;
+  `use_sendmail_milter()` does the same for a Sendmail.
 
 Every wait here is bounded; every thread and process is stopped on exit.
 """
@@ -32,6 +34,7 @@ import trio
 import triomilter
 
 from .postfix import PrivatePostfix, _listening, free_port
+from .sendmail import DEFAULT_TIMEOUTS, PrivateSendmail, sendmail_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,6 +110,10 @@ class ThreadedMilter:
     @property
     def spec(self) -> str:
         return postfix_spec(self.port)
+
+    @property
+    def sendmail_spec(self) -> str:
+        return sendmail_spec(self.port)
 
     def start(self, timeout: float = 10.0) -> ThreadedMilter:
         self._thread = threading.Thread(
@@ -205,6 +212,23 @@ def use_milter(
         yield served
 
 
+@contextlib.contextmanager
+def use_sendmail_milter(
+    sendmail: PrivateSendmail,
+    milter: triomilter.Milter,
+    *,
+    flags: str = "T",
+    timeouts: str = DEFAULT_TIMEOUTS,
+    macros: dict[str, str | None] | None = None,
+    **options: Any,
+) -> Iterator[ThreadedMilter]:
+    """Serve ``milter`` in a thread and make ``sendmail`` use it (``F=flags``,
+    ``T=timeouts``; a daemon restart)."""
+    with ThreadedMilter(milter, **options) as served:
+        sendmail.set_milter(served.sendmail_spec, flags=flags, timeouts=timeouts, macros=macros)
+        yield served
+
+
 class CliMilter:
     """``python -m triomilter serve TARGET`` on a free loopback port."""
 
@@ -227,6 +251,10 @@ class CliMilter:
     @property
     def spec(self) -> str:
         return postfix_spec(self.port)
+
+    @property
+    def sendmail_spec(self) -> str:
+        return sendmail_spec(self.port)
 
     def start(self) -> CliMilter:
         for attempt in range(3):
