@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -406,3 +407,24 @@ def notify_flags(records: list[str]) -> dict[str, str | None]:
         else:
             pending = None
     return flags
+
+
+_SENDMAIL_RECEIVED = re.compile(
+    rb"Received: from [^\r\n]*\r\n\tby mta\.test\.invalid \(8\.\d+\.\d+[^)]*\) "
+    rb"with E?SMTP id (?P<qid>[0-9A-Za-z]{14})(?:\r\n\t| )?(?:for <[^>]*>)?;\r\n\t[^\r\n]+\r\n"
+)
+
+
+def strip_sendmail_received(data: bytes) -> bytes:
+    """The message without Sendmail's own Received: header (the first one,
+    or the second when a milter inserted a header above it)."""
+    match = _SENDMAIL_RECEIVED.search(data)
+    assert match, data[:400]
+    return data[: match.start()] + data[match.end() :]
+
+
+def sendmail_queue_id(data: bytes) -> str:
+    """The queue id in Sendmail's Received: header."""
+    match = _SENDMAIL_RECEIVED.search(data)
+    assert match, data[:400]
+    return match.group("qid").decode()
