@@ -37,6 +37,7 @@ import dataclasses
 import fcntl
 import glob
 import os
+import random
 import re
 import shutil
 import signal
@@ -50,7 +51,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from .postfix import free_port
 
 __all__ = [
     "CLIENT_HELO",
@@ -155,6 +155,30 @@ def sendmail_version() -> str:
 def sendmail_spec(port: int, host: str = "127.0.0.1") -> str:
     """Sendmail's (libmilter's) socket syntax for a milter on host:port."""
     return f"inet:{port}@{host}"
+
+
+def listen_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port *below* the kernel's ephemeral range.
+
+    The daemon's port must stay free while it restarts (a milter change).  A
+    port from the ephemeral range (what binding port 0 gives) can meanwhile
+    become the local port of any outgoing connection on the machine, e.g.
+    Sendmail's own connections to the milter or the capture server, and then
+    the daemon cannot bind it again.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = max(low, 12000)
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
 
 
 # --------------------------------------------------------------------------
@@ -600,18 +624,20 @@ class PrivateSendmail:
         self.start_seconds = time.monotonic() - t0
         return self
 
-    def _start_daemon(self) -> None:
-        """Start the daemon on the requested (or a free) port; retried with
-        another free port when the chosen one was taken meanwhile."""
-        for attempt in range(3):
-            self._port = self._requested_port or free_port()
+    def _start_daemon(self, port: int = 0) -> None:
+        """Start the daemon on ``port``, else the requested or a free port;
+        retried with another free port when the chosen one is taken (unless
+        the constructor asked for that port)."""
+        for attempt in range(4):
+            self._port = port or self._requested_port or listen_port()
             self._write_config()
             mark = self.log_position()
             try:
                 self._spawn_daemon(mark)
             except SendmailError as exc:
                 self._kill_daemon(timeout=5.0)
-                if "cannot bind" in str(exc) and not self._requested_port and attempt < 2:
+                if "cannot bind" in str(exc) and not self._requested_port and attempt < 3:
+                    port = 0
                     continue
                 raise
             return
@@ -689,15 +715,13 @@ class PrivateSendmail:
         self._init_pid = None
 
     def restart(self) -> None:
-        """Rebuild the .cf and restart the daemon on the same port (the queue
-        and the log stay).  Call it between SMTP sessions."""
+        """Rebuild the .cf and restart the daemon, on the same port unless it
+        was taken meanwhile (read ``smtp_port`` afterwards); the queue and the
+        log stay.  Call it between SMTP sessions."""
         t0 = time.monotonic()
+        port = self._port
         self._kill_daemon(timeout=5.0)
-        self._requested_port, requested = self._port, self._requested_port
-        try:
-            self._start_daemon()
-        finally:
-            self._requested_port = requested
+        self._start_daemon(port)  # another port if that one was taken meanwhile
         self.restart_seconds = time.monotonic() - t0
 
     def stop(self, timeout: float = 10.0) -> None:
