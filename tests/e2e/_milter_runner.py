@@ -411,7 +411,7 @@ def notify_flags(records: list[str]) -> dict[str, str | None]:
 
 _SENDMAIL_RECEIVED = re.compile(
     rb"Received: from [^\r\n]*\r\n\tby mta\.test\.invalid \(8\.\d+\.\d+[^)]*\) "
-    rb"with E?SMTP id (?P<qid>[0-9A-Za-z]{14})(?:\r\n\t| )?(?:for <[^>]*>)?;\r\n\t[^\r\n]+\r\n"
+    rb"with E?SMTP id (?P<qid>[0-9A-Za-z]{14})(?:;\r\n\t|\r\n\tfor <[^>]*>; )[^\r\n]+\r\n"
 )
 
 
