@@ -51,7 +51,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-
 __all__ = [
     "CLIENT_HELO",
     "DEFAULT_MACROS",
