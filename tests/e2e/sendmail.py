@@ -296,7 +296,8 @@ def cleanup_stale_instances(parent: str = BASE_PARENT) -> list[str]:
 
 
 def _read_int(path: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
+    # IndexError: the file exists but is still empty (being written).
+    with contextlib.suppress(OSError, ValueError, IndexError):
         return int(Path(path).read_text(encoding="ascii").split()[0])
     return None
 
@@ -638,6 +639,9 @@ class PrivateSendmail:
                 if "cannot bind" in str(exc) and not self._requested_port and attempt < 3:
                     port = 0
                     continue
+                raise
+            except BaseException:
+                self._kill_daemon(timeout=5.0)  # no half-started daemon left behind
                 raise
             return
 
