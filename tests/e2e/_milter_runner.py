@@ -95,9 +95,15 @@ class ThreadedMilter:
     """A `triomilter.Milter` served by ``triomilter.serve`` in a thread."""
 
     def __init__(
-        self, milter: triomilter.Milter, *, shutdown_grace: float = 5.0, **options: Any
+        self,
+        milter: triomilter.Milter,
+        *,
+        shutdown_grace: float = 5.0,
+        socket: str = "inet:0@127.0.0.1",
+        **options: Any,
     ) -> None:
         self.milter = milter
+        self.socket = socket
         self._options = {"shutdown_grace": shutdown_grace, **options}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -145,13 +151,14 @@ class ThreadedMilter:
                     partial(
                         triomilter.serve,
                         self.milter,
-                        "inet:0@127.0.0.1",
+                        self.socket,
                         handle_signals=False,
                         shutdown=self._shutdown,
                         **self._options,
                     )
                 )
-                self.port = address[1]
+                if isinstance(address, tuple):  # else a UNIX socket's path
+                    self.port = address[1]
                 self._ready.set()
 
     @property

@@ -186,9 +186,7 @@ def sendmail(
 ) -> Iterator[PrivateSendmail]:
     """The module's Sendmail, with no milter and an empty queue."""
     sm = _shared_sendmail
-    if not sm.running:  # a test killed it: start afresh on the same port
-        sm.restart()
-    sm.reset_config()
+    sm.reset_config()  # (re)starts it if a test killed it or broke its config
     if not sm.queue_is_empty():
         sm.delete_queue()
     capture.clear()

@@ -771,21 +771,24 @@ class PrivateSendmail:
         mc_extra: Sequence[str] = (),
     ) -> bool:
         """Put ``milter`` (an ``S=`` spec, None: no milter) in front; restarts
-        the daemon if the configuration changed.  Returns whether it did."""
+        the daemon if the configuration changed (or starts it if it is not
+        running, e.g. after a configuration it refused).  Returns whether it
+        (re)started the daemon."""
         before = dict(self._milter)
         self._set(milter, flags, timeouts, macros, mc_extra)
-        if self._milter == before or not self.running:
+        if self._base is None or (self._milter == before and self.running):
             return False
         self.restart()
         return True
 
     def reset_config(self) -> bool:
-        """Back to the constructor's milter settings (restart if changed)."""
-        if self._milter == self._baseline:
+        """Back to the constructor's milter settings; restarts the daemon if
+        they changed or it is not running.  Returns whether it restarted."""
+        if self._milter == self._baseline and (self._base is None or self.running):
             return False
         self._milter = dict(self._baseline)
-        if self.running:
-            self.restart()
+        if self._base is not None:
+            self.restart()  # also after a daemon a test killed or misconfigured
         return True
 
     # -- commands in the namespace ------------------------------------------------

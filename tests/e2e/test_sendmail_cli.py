@@ -17,11 +17,11 @@ from pathlib import Path
 from ._milter_runner import CliMilter
 from .capture import CaptureServer
 from .cli_milters import GATE_ENV
-from .sendmail import PrivateSendmail
 from .scenarios import SENDER, Outcome, send_data, send_message
 from .scenarios import filtered as _filtered
 from .scenarios import subject_of as _subject
 from .scenarios import wait_until as _wait_until
+from .sendmail import PrivateSendmail
 
 CLI_MILTERS = "tests/e2e/cli_milters.py"
 TEMPFAIL = (451, b"4.3.2 Please try again later")
