@@ -221,7 +221,7 @@ def test_progress_restarts_r_but_not_e(
     progress_every: float | None,
     accepted: bool,
 ) -> None:
-    with RawMilter(hook=slow_eom(3.0, progress_every)) as raw:  # type: ignore[arg-type]
+    with RawMilter(hook=slow_eom(3.0, progress_every)) as raw:
         sendmail.set_milter(f"inet:{raw.port}@127.0.0.1", timeouts=timeouts)
         reply = _deliver(sendmail)
     if accepted:
