@@ -29,6 +29,7 @@ see why the MTA did what it did.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ import pytest
 
 from .capture import CaptureServer
 from .postfix import PrivatePostfix, postfix_missing_reason
-from .sendmail import PrivateSendmail, sendmail_missing_reason
+from .sendmail import PrivateSendmail, SendmailError, sendmail_missing_reason
 
 
 class _Instance(Protocol):
@@ -194,10 +195,14 @@ def sendmail(
     _track(request, sm)
     yield sm
     if sm.running and not sm.queue_is_empty():
-        # e.g. quarantined or deferred mail: keep it from the next test.  A
-        # restart first, so no queue runner still holds a file.
-        sm.restart()
-        sm.delete_queue()
+        # A delivery still under way finishes (bounded); quarantined or
+        # deferred mail is kept from the next test: a restart first (it ends
+        # every process of the instance), then the files go.
+        with contextlib.suppress(SendmailError):
+            sm.wait_queue_empty(2.0)
+        if not sm.queue_is_empty():
+            sm.restart()
+            sm.delete_queue()
 
 
 @pytest.fixture
