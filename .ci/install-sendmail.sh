@@ -27,7 +27,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Libraries sendmail-bin links against (its Depends minus the packages that
 # would pull in an MTA), plus what builds the configuration.
-PKGS=(m4 sendmail-cf libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 libsasl2-2 libssl3 libwrap0 util-linux procps)
+PKGS=(m4 sendmail-cf libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 libsasl2-2 libssl3 libwrap0
+      util-linux mount hostname procps)
 
 missing_pkgs() {
     local p
@@ -66,7 +67,11 @@ if [ ! -x "$BIN" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_version" ]; then
     if id _apt >/dev/null 2>&1; then chown _apt "$work"; fi
     trap 'rm -rf "$work"' EXIT
     if ! (cd "$work" && apt-get download -q "sendmail-bin=$want_version"); then
+        # That version left the archive (or the lists are stale): take the
+        # current one of both packages.
         refresh_lists
+        apt-get install -y -q --no-install-recommends sendmail-cf
+        want_version="$(dpkg-query -W -f='${Version}' sendmail-cf)"
         (cd "$work" && apt-get download -q "sendmail-bin=$want_version")
     fi
     rm -rf "$PREFIX.new"

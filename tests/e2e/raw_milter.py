@@ -15,6 +15,7 @@ One thread per connection; every socket has a timeout; stop() joins all.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -100,8 +101,6 @@ class RawMilter:
         if self.unix_path is not None:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             with contextlib.suppress(FileNotFoundError):
-                import os
-
                 os.unlink(self.unix_path)
             listener.bind(self.unix_path)
         else:

@@ -353,9 +353,6 @@ class _SyslogReceiver:
 # the instance
 
 
-MilterMacros = Mapping[str, str]
-
-
 class PrivateSendmail:
     """A private Sendmail instance relaying everything to ``relay_port``.
 
