@@ -180,11 +180,16 @@ def _eom_macros(
     ],
     indirect=True,
 )
+@pytest.mark.parametrize("how", ["on_negotiate", "Milter(macros=)"])
 def test_handler_gets_the_eom_macros_it_requested(
-    mta: tuple[str, Any], capture: CaptureServer
+    mta: tuple[str, Any], capture: CaptureServer, how: str
 ) -> None:
     rec = Recorder()
-    eom, port = _eom_macros(mta, capture, eom_macro_milter(rec), rec)
+    if how == "on_negotiate":
+        milter = eom_macro_milter(rec)
+    else:
+        milter = recording_milter(rec, macros={MacroStage.EOM: EOM_LIST})
+    eom, port = _eom_macros(mta, capture, milter, rec)
     assert eom["{client_addr}"] == "127.0.0.1"
     assert eom["{client_port}"] == str(port)
 
