@@ -10,9 +10,10 @@ Findings (each test shows the log lines or replies that prove it):
   "open [127.0.0.1] failed: Invalid argument" (the bracketed-address branch
   of milter_open() leaves the address length unset); ``@127.0.0.1`` and
   ``@localhost`` work.
-* ``S=local:`` (or ``unix:``) needs a socket whose path has no world-writable
-  directory (sticky /tmp counts): otherwise the daemon does not start
-  ("local socket name ... unsafe: World writable directory").
+* ``S=local:`` (or ``unix:``) needs a socket whose path has no world- or
+  group-writable directory (sticky /tmp counts): otherwise the daemon does
+  not start ("local socket name ... unsafe: World writable directory",
+  "... Group writable directory").
 * ``F=4`` with the milter down: ``421 4.7.0 ... closing connection`` as the
   banner; ``F=R``: 554 banner, then 550 for everything; no ``F``: mail goes
   through unfiltered.
@@ -103,17 +104,24 @@ def safe_dir() -> Iterator[str]:
         os.rmdir(path)
 
 
-@pytest.mark.parametrize("where", ["0777 dir in /run", "0755 dir in /tmp"])
-def test_local_socket_in_a_world_writable_path_is_refused(
-    sendmail: PrivateSendmail, safe_dir: str, where: str
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("0777 dir in /run", "World writable directory"),
+        ("0755 dir in /tmp", "World writable directory"),  # /tmp is 1777
+        ("0770 dir in /run", "Group writable directory"),
+    ],
+)
+def test_local_socket_in_an_unsafe_path_is_refused(
+    sendmail: PrivateSendmail, safe_dir: str, where: str, why: str
 ) -> None:
     if where.endswith("/tmp"):
-        directory = tempfile.mkdtemp(prefix="triomilter-e2e-")  # /tmp is 1777
+        directory = tempfile.mkdtemp(prefix="triomilter-e2e-")
         os.chmod(directory, 0o755)
     else:
         directory = os.path.join(safe_dir, "open")
         os.mkdir(directory)
-        os.chmod(directory, 0o777)
+        os.chmod(directory, int(where.split()[0], 8))
     path = os.path.join(directory, "milter.sock")
     try:
         with RawMilter(unix_path=path), pytest.raises(SendmailError, match="during start-up"):
@@ -121,8 +129,7 @@ def test_local_socket_in_a_world_writable_path_is_refused(
     finally:
         Path(path).unlink(missing_ok=True)
         os.rmdir(directory)
-    message = f"Xmyfilter: local socket name {path} unsafe: World writable directory"
-    assert message in sendmail.log_text()
+    assert f"Xmyfilter: local socket name {path} unsafe: {why}" in sendmail.log_text()
 
 
 @pytest.mark.parametrize("kind", ["local", "unix"])
