@@ -22,8 +22,10 @@ shared/reference/sendmail-notes.md:
   fork into the background and detach; mailq) is started inside that
   namespace with nsenter.  When the daemon dies, the kernel kills every
   process left in the namespace, so ``stop()`` cannot leave a detached queue
-  runner behind, and ``unshare --kill-child`` takes the daemon down if the
-  unshare process itself is killed (a stale instance, see cleanup).
+  runner behind.  (``unshare --kill-child`` does not cover a dead test run:
+  Sendmail changes its credentials, which clears the parent-death signal.
+  So the cleanup of stale instances finds their processes by their mounts,
+  ``/proc/PID/mountinfo`` names the instance directory, and kills them.)
 
 A milter is configured with ``INPUT_MAIL_FILTER`` (S=, F=, T=); changing it
 rewrites the .cf and restarts the daemon (~0.1 s), keeping the queue, the
@@ -247,23 +249,35 @@ def _create_lock(base: str) -> int:
     return fd
 
 
-def _holders_of(base: str) -> list[int]:
-    """unshare/nsenter processes started for ``base`` (their command line
-    names its launcher); killing them kills the namespace (--kill-child)."""
-    needle = os.path.join(base, "").encode()
-    found = []
+# A mountinfo line of the namespace's bind mount of DIR/etc/hosts; the path
+# is relative to the file system holding DIR (/tmp may be a mount of its own).
+_MOUNTED_BASE = re.compile(rf" \S*/({re.escape(BASE_PREFIX)}[^/ ]+)/etc/hosts(?://deleted)? ")
+
+
+def _instance_processes() -> dict[str, list[int]]:
+    """Processes inside an instance's namespace, by instance directory: the
+    namespace's bind mount of DIR/etc/hosts shows in their mountinfo (also
+    after DIR was deleted), which no process outside it has."""
+    found: dict[str, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{name}/cmdline").read_bytes():
-                found.append(int(name))
+        try:
+            text = Path(f"/proc/{name}/mountinfo").read_text(errors="replace")
+        except OSError:
+            continue
+        match = _MOUNTED_BASE.search(text)
+        if match:
+            base = os.path.join(BASE_PARENT, match.group(1))
+            found.setdefault(base, []).append(int(name))
     return found
 
 
 def cleanup_stale_instances(parent: str = BASE_PARENT) -> list[str]:
-    """Kill and remove instances whose owner died (their lock is free)."""
+    """Kill and remove instances whose owner died (their lock is free), and
+    kill processes of instances whose directory is gone."""
     removed = []
+    members = _instance_processes()
     for base in sorted(glob.glob(os.path.join(parent, BASE_PREFIX + "*"))):
         if not os.path.isdir(base) or os.path.islink(base):
             continue
@@ -283,15 +297,20 @@ def cleanup_stale_instances(parent: str = BASE_PARENT) -> list[str]:
             os.close(fd)
             continue  # its owner is alive
         try:
+            # The namespace's init first: its death kills the rest.
             init = _read_int(os.path.join(base, "ns.pid"))
-            if init is not None and _alive(init):
-                _kill_quietly(init, signal.SIGKILL)
-            for pid in _holders_of(base):
-                _kill_quietly(pid, signal.SIGKILL)
+            for pid in [init or 0, *members.get(base, [])]:
+                if pid and _alive(pid):
+                    _kill_quietly(pid, signal.SIGKILL)
             shutil.rmtree(base, ignore_errors=True)
             removed.append(base)
         finally:
             os.close(fd)
+    # Processes of an instance directory deleted under them (rm -rf).
+    for base, pids in members.items():
+        if not os.path.isdir(base):
+            for pid in pids:
+                _kill_quietly(pid, signal.SIGKILL)
     return removed
 
 
@@ -587,7 +606,6 @@ class PrivateSendmail:
             f"{mounts}\n"
             # --rbind: a plain --bind would drop the device bind mounts inside.
             'mount --rbind "$D/dev" /dev\n'
-            'echo "$$" > "$D/ns.pid"\n'
             f'exec {SENDMAIL_BIN} -C "$D/sendmail.cf" "$@"\n'
         )
         path = os.path.join(base, "sm")
@@ -671,15 +689,15 @@ class PrivateSendmail:
         deadline = time.monotonic() + self._start_timeout
         while True:
             if self._init_pid is None:
-                init = _read_int(os.path.join(base, "ns.pid"))
-                # ns.pid holds the namespace's view (1): find it from outside.
-                kids = _children(self._proc.pid) if init is not None else []
+                # unshare's forked child: the launcher, then (exec) the daemon.
+                kids = _children(self._proc.pid)
                 if kids:
                     self._init_pid = kids[0]
+                    # For the cleanup, should this test run die.
+                    Path(base, "ns.pid").write_text(f"{self._init_pid}\n", encoding="ascii")
             if self._init_pid is not None:
                 inode = _listening_inode("127.0.0.1", self._port)
                 if inode is not None and inode in _socket_inodes(self._init_pid):
-                    Path(base, "ns.pid").write_text(f"{self._init_pid}\n", encoding="ascii")
                     return
             if self._proc.poll() is not None:
                 raise self._error(f"daemon exited {self._proc.returncode} during start-up")
@@ -705,7 +723,12 @@ class PrivateSendmail:
                 _kill_quietly(init, signal.SIGKILL)
         if proc is not None:
             if proc.poll() is None and init is None:
-                proc.kill()  # never got as far as the daemon
+                # Never got as far as knowing the daemon: its forked child
+                # (the namespace's init) first, since --kill-child is not
+                # reliable once Sendmail runs (see the module doc).
+                for child in _children(proc.pid):
+                    _kill_quietly(child, signal.SIGKILL)
+                proc.kill()
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -156,6 +158,51 @@ def test_stale_instance_is_cleaned_up(capture: CaptureServer, sendmail_required:
     finally:
         live.stop()
         stale.stop()
+
+
+_OWNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from tests.e2e.sendmail import PrivateSendmail
+sm = PrivateSendmail(int(sys.argv[2])).start()
+print(sm.base_dir, sm.daemon_pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_instance_of_a_killed_test_run_is_cleaned_up(
+    capture: CaptureServer, sendmail_required: None
+) -> None:
+    """The owning process SIGKILLed (no stop(), no atexit): the daemon
+    survives it (Sendmail clears the parent-death signal), and the next
+    cleanup finds and kills it by its mounts, then removes the directory."""
+    repo = str(Path(__file__).resolve().parents[2])
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, repo, str(capture.port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        base, pid = owner.stdout.readline().split()
+    finally:
+        owner.kill()
+        owner.wait(10)
+    daemon = int(pid)
+    assert os.path.exists(f"/proc/{daemon}")
+    assert base in cleanup_stale_instances()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemon}") and ") Z " not in _stat(daemon):
+        assert time.monotonic() < deadline, "the orphaned daemon is still alive"
+        time.sleep(0.01)
+    assert not os.path.exists(base)
+
+
+def _stat(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ") Z "
 
 
 def test_start_restart_stop(sendmail_factory: SendmailFactory) -> None:
