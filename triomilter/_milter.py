@@ -262,6 +262,14 @@ class Milter(Generic[D, M]):
         lists = {stage: names.encode() for stage, names in self.macros.items()}
         if requested:
             lists.update(requested)
+        if MacroStage.EOM in lists and MacroStage.EOH not in lists:
+            # Sendmail 8.17 uses a milter's end-of-message list only if the
+            # milter also sent an end-of-headers list (milter.c, milter_data()
+            # tests MI_LFLAGS_SYM(SMFIM_EOH)); alone, it is ignored. An empty
+            # EOH list is the smallest that works (measured: Sendmail then sends
+            # exactly our EOM list, and no EOH macros, like its default); Postfix
+            # ignores empty lists and keeps main.cf's.
+            lists[MacroStage.EOH] = b""
         return lists
 
 

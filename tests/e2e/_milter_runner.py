@@ -1,4 +1,5 @@
-"""Run triomilter milters as real servers for the Postfix end-to-end tests.
+"""Run triomilter milters as real servers for the Postfix and Sendmail
+end-to-end tests.
 
 * `ThreadedMilter`: ``trio.run(triomilter.serve, ...)`` in a background thread,
   on a free loopback port, stopped through serve()'s ``shutdown`` event (then
@@ -6,7 +7,8 @@
   what they saw into a thread-safe `Recorder`.
 * `CliMilter`: ``python -m triomilter serve TARGET --socket inet:PORT@127.0.0.1``
   as a subprocess (the examples, panics, signals), output to a log file.
-* `use_milter()`: start a threaded milter and point the test's Postfix at it.
+* `use_milter()`: start a threaded milter and point the test's Postfix at it;
+  `use_sendmail_milter()` does the same for a Sendmail.
 
 Every wait here is bounded; every thread and process is stopped on exit.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +35,7 @@ import trio
 import triomilter
 
 from .postfix import PrivatePostfix, _listening, free_port
+from .sendmail import DEFAULT_TIMEOUTS, PrivateSendmail, sendmail_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,9 +95,15 @@ class ThreadedMilter:
     """A `triomilter.Milter` served by ``triomilter.serve`` in a thread."""
 
     def __init__(
-        self, milter: triomilter.Milter, *, shutdown_grace: float = 5.0, **options: Any
+        self,
+        milter: triomilter.Milter,
+        *,
+        shutdown_grace: float = 5.0,
+        socket: str = "inet:0@127.0.0.1",
+        **options: Any,
     ) -> None:
         self.milter = milter
+        self.socket = socket
         self._options = {"shutdown_grace": shutdown_grace, **options}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -107,6 +117,10 @@ class ThreadedMilter:
     @property
     def spec(self) -> str:
         return postfix_spec(self.port)
+
+    @property
+    def sendmail_spec(self) -> str:
+        return sendmail_spec(self.port)
 
     def start(self, timeout: float = 10.0) -> ThreadedMilter:
         self._thread = threading.Thread(
@@ -137,13 +151,14 @@ class ThreadedMilter:
                     partial(
                         triomilter.serve,
                         self.milter,
-                        "inet:0@127.0.0.1",
+                        self.socket,
                         handle_signals=False,
                         shutdown=self._shutdown,
                         **self._options,
                     )
                 )
-                self.port = address[1]
+                if isinstance(address, tuple):  # else a UNIX socket's path
+                    self.port = address[1]
                 self._ready.set()
 
     @property
@@ -205,6 +220,23 @@ def use_milter(
         yield served
 
 
+@contextlib.contextmanager
+def use_sendmail_milter(
+    sendmail: PrivateSendmail,
+    milter: triomilter.Milter,
+    *,
+    flags: str = "T",
+    timeouts: str = DEFAULT_TIMEOUTS,
+    macros: dict[str, str | None] | None = None,
+    **options: Any,
+) -> Iterator[ThreadedMilter]:
+    """Serve ``milter`` in a thread and make ``sendmail`` use it (``F=flags``,
+    ``T=timeouts``; a daemon restart)."""
+    with ThreadedMilter(milter, **options) as served:
+        sendmail.set_milter(served.sendmail_spec, flags=flags, timeouts=timeouts, macros=macros)
+        yield served
+
+
 class CliMilter:
     """``python -m triomilter serve TARGET`` on a free loopback port, or on
     ``port`` (e.g. to restart a milter at the address it had)."""
@@ -230,6 +262,10 @@ class CliMilter:
     @property
     def spec(self) -> str:
         return postfix_spec(self.port)
+
+    @property
+    def sendmail_spec(self) -> str:
+        return sendmail_spec(self.port)
 
     def start(self) -> CliMilter:
         for attempt in range(3):
@@ -382,3 +418,24 @@ def notify_flags(records: list[str]) -> dict[str, str | None]:
         else:
             pending = None
     return flags
+
+
+_SENDMAIL_RECEIVED = re.compile(
+    rb"Received: from [^\r\n]*\r\n\tby mta\.test\.invalid \(8\.\d+\.\d+[^)]*\) "
+    rb"with E?SMTP id (?P<qid>[0-9A-Za-z]{14})(?:;\r\n\t|\r\n\tfor <[^>]*>; )[^\r\n]+\r\n"
+)
+
+
+def strip_sendmail_received(data: bytes) -> bytes:
+    """The message without Sendmail's own Received: header (the first one,
+    or the second when a milter inserted a header above it)."""
+    match = _SENDMAIL_RECEIVED.search(data)
+    assert match, data[:400]
+    return data[: match.start()] + data[match.end() :]
+
+
+def sendmail_queue_id(data: bytes) -> str:
+    """The queue id in Sendmail's Received: header."""
+    match = _SENDMAIL_RECEIVED.search(data)
+    assert match, data[:400]
+    return match.group("qid").decode()

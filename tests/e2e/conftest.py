@@ -1,8 +1,9 @@
-"""Fixtures for end-to-end tests against a private Postfix.
+"""Fixtures for end-to-end tests against a private Postfix or Sendmail.
 
-Every test in this directory is marked ``e2e``.  Postfix is required: without
-it the tests are skipped, except under CI (env ``CI`` set), where a missing
-Postfix is a setup bug and fails loudly instead of passing as "skipped".
+Every test in this directory is marked ``e2e``.  Postfix (and Sendmail for
+the ``test_sendmail_*`` modules) is required: without it the tests are
+skipped, except under CI (env ``CI`` set), where a missing MTA is a setup
+bug and fails loudly instead of passing as "skipped".
 
 Fixtures:
 
@@ -14,33 +15,53 @@ Fixtures:
 * ``postfix_factory`` (function): ``make(milters, **kwargs)`` starts a fresh
   instance (for tests needing a pristine or specially configured Postfix);
   all are stopped after the test.
+* ``sendmail`` (function): a private Sendmail shared by the tests of a module
+  (start-up ~0.1 s), reset to "no milter" with an empty queue before each
+  test; ``sendmail.set_milter(spec, flags=..., timeouts=...)`` restarts its
+  daemon (~0.1 s) with that milter in front.
+* ``sendmail_factory`` (function): ``make(milter=None, **kwargs)``, a fresh
+  PrivateSendmail, stopped after the test.
 
-On a failing test, the maillog of every instance it used is added to the
-report, which is usually the only way to see why Postfix did what it did.
+On a failing test, the maillog of every instance it used (Postfix's maillog,
+Sendmail's syslog) is added to the report, which is usually the only way to
+see why the MTA did what it did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 from .capture import CaptureServer
 from .postfix import PrivatePostfix, postfix_missing_reason
+from .sendmail import PrivateSendmail, SendmailError, sendmail_missing_reason
+
+
+class _Instance(Protocol):
+    @property
+    def running(self) -> bool: ...
+    @property
+    def base_dir(self) -> str: ...
+    def log_text(self, since: int | None = None) -> str: ...
+
 
 _HERE = Path(__file__).parent.resolve()
-_INSTANCES = pytest.StashKey[list[PrivatePostfix]]()
+_INSTANCES = pytest.StashKey[list[_Instance]]()
 _LOG_TAIL = 20000  # characters of maillog attached to a failure report
 
 PostfixFactory = Callable[..., PrivatePostfix]
+SendmailFactory = Callable[..., PrivateSendmail]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "e2e: end-to-end test against a real private Postfix (needs root + postfix)"
+        "markers",
+        "e2e: end-to-end test against a real private Postfix or Sendmail (needs root + the MTA)",
     )
 
 
@@ -63,7 +84,7 @@ def pytest_runtest_makereport(
     return report
 
 
-def _track(request: pytest.FixtureRequest, pf: PrivatePostfix) -> None:
+def _track(request: pytest.FixtureRequest, pf: _Instance) -> None:
     """Remember which instances a test used, for the failure report."""
     request.node.stash.setdefault(_INSTANCES, []).append(pf)
 
@@ -136,3 +157,69 @@ def postfix_factory(
     yield make
     for pf in reversed(started):
         pf.stop()
+
+
+# -- Sendmail -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sendmail_required() -> None:
+    """Skip (or, under CI, fail) when a private Sendmail cannot run here."""
+    reason = sendmail_missing_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the Sendmail e2e tests: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def _shared_sendmail(
+    sendmail_required: None, capture_server: CaptureServer
+) -> Iterator[PrivateSendmail]:
+    with PrivateSendmail(capture_server.port) as sm:
+        yield sm
+
+
+@pytest.fixture
+def sendmail(
+    request: pytest.FixtureRequest, _shared_sendmail: PrivateSendmail, capture: CaptureServer
+) -> Iterator[PrivateSendmail]:
+    """The module's Sendmail, with no milter and an empty queue."""
+    sm = _shared_sendmail
+    sm.reset_config()  # (re)starts it if a test killed it or broke its config
+    if not sm.queue_is_empty():
+        sm.delete_queue()
+    capture.clear()
+    sm.mark_log()
+    _track(request, sm)
+    yield sm
+    if sm.running and not sm.queue_is_empty():
+        # A delivery still under way finishes (bounded); quarantined or
+        # deferred mail is kept from the next test: a restart first (it ends
+        # every process of the instance), then the files go.
+        with contextlib.suppress(SendmailError):
+            sm.wait_queue_empty(2.0)
+        if not sm.queue_is_empty():
+            sm.restart()
+            sm.delete_queue()
+
+
+@pytest.fixture
+def sendmail_factory(
+    request: pytest.FixtureRequest, sendmail_required: None, capture: CaptureServer
+) -> Iterator[SendmailFactory]:
+    """``make(milter=None, **kwargs)``: a fresh PrivateSendmail relaying to the
+    capture server; kwargs go to PrivateSendmail.  Stopped after the test."""
+    started: list[PrivateSendmail] = []
+
+    def make(milter: str | None = None, **kwargs: Any) -> PrivateSendmail:
+        sm = PrivateSendmail(capture.port, milter, **kwargs)
+        sm.start()
+        started.append(sm)
+        _track(request, sm)
+        return sm
+
+    yield make
+    for sm in reversed(started):
+        sm.stop()

@@ -8,7 +8,6 @@ through Postfix and compares the bytes and envelope the capture server got
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -27,29 +26,15 @@ from triomilter import (
 from ._milter_runner import Recorder, notify_flags, postcat, split_first_header, use_milter
 from .capture import CapturedMessage, CaptureServer
 from .postfix import PrivatePostfix
-
-SENDER = "sender@example.test"
-ALL_ACTIONS = (
-    Actions.ADD_HEADER
-    | Actions.REPLACE_HEADER
-    | Actions.ADD_RECIPIENT
-    | Actions.ADD_RECIPIENT_EXT
-    | Actions.REMOVE_RECIPIENT
-    | Actions.REPLACE_SENDER
-    | Actions.REPLACE_BODY
-    | Actions.QUARANTINE
+from .scenarios import (
+    BODY,
+    ORIGINAL,
+    ORIGINAL_HEADERS,
+    SENDER,
+    EomChanges,
+    eom_milter,
 )
-
-EomChanges = Callable[[Context[object]], Awaitable[None]]
-
-
-def eom_milter(changes: EomChanges, actions: Actions = ALL_ACTIONS) -> Milter:
-    @on_eom
-    async def eom(ctx: Context[object]) -> Status:
-        await changes(ctx)
-        return Status.CONTINUE
-
-    return Milter("eom-actions", handlers=[eom], actions=actions)
+from .scenarios import replacement_body as _replacement
 
 
 def _send_one(
@@ -64,18 +49,6 @@ def _send_one(
         assert s.sendmail(sender, rcpts, data) == {}
     (msg,) = capture.wait_for(1)
     return msg
-
-
-ORIGINAL_HEADERS = (
-    b"From: Sender <sender@example.test>\r\n"
-    b"Subject: header changes\r\n"
-    b"X-B: first b\r\n"
-    b"X-Delete-Me: going away\r\n"
-    b"X-B: second b\r\n"
-    b"X-Folded: old\r\n\tfolded value\r\n"
-)
-BODY = b"the body\r\n.with a leading dot\r\n"
-ORIGINAL = ORIGINAL_HEADERS + b"\r\n" + BODY
 
 
 def test_header_changes(postfix: PrivatePostfix, capture: CaptureServer) -> None:
@@ -191,19 +164,6 @@ def test_quarantine_and_add_recipient_with_notify_never(
     _, rest = split_first_header(msg.data)
     assert rest == b"Subject: quarantine\r\nX-Checked: yes\r\n\r\n" + BODY
     postfix.wait_queue_empty()
-
-
-def _replacement(size: int) -> bytes:
-    """``size`` bytes of body: 8-bit bytes, a dot line, long and empty lines."""
-    pattern = (
-        b".dot-stuffed line\r\n"
-        b"..two dots\r\n"
-        b"8-bit \xc3\xa4\xc3\xb6\xc3\xbc \xff\xfe\r\n"
-        b"\r\n"
-        b"trailing spaces   \r\n" + b"L" * 1500 + b"\r\n"
-    )
-    data = (pattern * (size // len(pattern) + 1))[: size - 2]
-    return data + b"\r\n"
 
 
 @pytest.mark.parametrize("size", [20, 200 * 1024], ids=["small", "200KiB"])

@@ -9,74 +9,21 @@ changes or refused with a 4xx; none is lost, none accepted unfiltered.
 from __future__ import annotations
 
 import signal
-import smtplib
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import attrs
-
-from ._milter_runner import CliMilter, header_values
-from .capture import CapturedMessage, CaptureServer
+from ._milter_runner import CliMilter
+from .capture import CaptureServer
 from .cli_milters import GATE_ENV
 from .postfix import PrivatePostfix
+from .scenarios import SENDER, Outcome, send_data, send_message
+from .scenarios import filtered as _filtered
+from .scenarios import subject_of as _subject
+from .scenarios import wait_until as _wait_until
 
-SENDER = "sender@example.test"
 CLI_MILTERS = "tests/e2e/cli_milters.py"
 TEMPFAIL = (451, b"4.7.1 Service unavailable - try again later")
-
-
-@attrs.frozen
-class Outcome:
-    """What the SMTP client was told about one message."""
-
-    subject: str
-    stage: str  # the command that got the final answer
-    code: int
-    text: bytes
-
-
-def send_message(s: smtplib.SMTP, subject: str, rcpt: str = "r@example.test") -> Outcome:
-    """One message on an open session; the first non-2xx/3xx answer, or DATA's."""
-    code, text = s.mail(SENDER)
-    if code != 250:
-        s.rset()
-        return Outcome(subject, "mail", code, text)
-    code, text = s.rcpt(rcpt)
-    if code != 250:
-        s.rset()
-        return Outcome(subject, "rcpt", code, text)
-    return send_data(s, subject)
-
-
-def send_data(s: smtplib.SMTP, subject: str) -> Outcome:
-    """DATA with a small message (after MAIL and RCPT)."""
-    try:
-        code, text = s.data(f"Subject: {subject}\r\n\r\nbody of {subject}\r\n".encode())
-    except smtplib.SMTPDataError as exc:
-        s.rset()
-        text = exc.smtp_error if isinstance(exc.smtp_error, bytes) else exc.smtp_error.encode()
-        return Outcome(subject, "data command", exc.smtp_code, text)
-    return Outcome(subject, "data", code, text)
-
-
-def _subject(msg: CapturedMessage) -> str:
-    (subject,) = header_values(msg.data, b"Subject")
-    return subject.decode()
-
-
-def _filtered(msg: CapturedMessage) -> bool:
-    return header_values(msg.data, b"X-Filtered") == [f"subject={_subject(msg)}".encode()]
-
-
-def _wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_panic_tempfails_and_exits_70(postfix: PrivatePostfix, capture: CaptureServer) -> None:

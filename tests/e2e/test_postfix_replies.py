@@ -10,144 +10,34 @@ also tell which stages Postfix skipped after an ACCEPT or DISCARD.
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Sequence
 
 import pytest
 
 from triomilter import (
-    Context,
-    Milter,
-    SocketInfo,
     Status,
-    on_body,
-    on_connect,
-    on_eoh,
-    on_eom,
-    on_header,
-    on_helo,
-    on_mail,
-    on_rcpt,
 )
 
 from ._milter_runner import Recorder, use_milter
 from .capture import CaptureServer
 from .postfix import PrivatePostfix
+from .scenarios import MULTILINE, VERDICTS, Reply, policy_milter
+from .scenarios import policy_message as _message
+from .scenarios import send_envelope as _send
+from .scenarios import text_reply as _reply
 
 DEFAULT_REJECT = (550, "5.7.1 Command rejected")
 DEFAULT_TEMPFAIL = (451, "4.7.1 Service unavailable - try again later")
-MULTILINE = ["First line of the refusal,", "second line: 100% sure.", "Third and last line."]
-
-# outcome: (status, custom reply (code, ext, lines) or None, what the client sees)
-OUTCOMES: dict[str, tuple[Status, tuple[str, str, str | list[str]] | None, tuple[int, str]]] = {
-    "reject": (Status.REJECT, None, DEFAULT_REJECT),
-    "tempfail": (Status.TEMPFAIL, None, DEFAULT_TEMPFAIL),
-    "custom": (
-        Status.REJECT,
-        ("554", "5.7.0", "Custom refusal from the milter"),
-        (554, "5.7.0 Custom refusal from the milter"),
-    ),
-    "multiline": (
-        Status.REJECT,
-        ("550", "5.7.2", MULTILINE),
-        (550, "\n".join(f"5.7.2 {line}" for line in MULTILINE)),
-    ),
-    "customtemp": (
-        Status.TEMPFAIL,
-        ("452", "4.3.1", ["Custom temporary failure", "try again in a while"]),
-        (452, "4.3.1 Custom temporary failure\n4.3.1 try again in a while"),
-    ),
+# outcome (scenarios.VERDICTS): (status, custom reply or None, what the client sees)
+_SEEN: dict[str, tuple[int, str]] = {
+    "reject": DEFAULT_REJECT,
+    "tempfail": DEFAULT_TEMPFAIL,
+    "custom": (554, "5.7.0 Custom refusal from the milter"),
+    "multiline": (550, "\n".join(f"5.7.2 {line}" for line in MULTILINE)),
+    "customtemp": (452, "4.3.1 Custom temporary failure\n4.3.1 try again in a while"),
 }
-
-
-def _outcome(word: str, stage: str) -> str | None:
-    """``stage-outcome`` -> outcome, else None."""
-    prefix = stage + "-"
-    return word[len(prefix) :] if word.startswith(prefix) else None
-
-
-def _verdict(ctx: Context[object], outcome: str | None) -> Status:
-    if outcome is None:
-        return Status.CONTINUE
-    if outcome == "accept":
-        return Status.ACCEPT
-    if outcome == "discard":
-        return Status.DISCARD
-    status, reply, _ = OUTCOMES[outcome]
-    if reply is not None:
-        ctx.api.set_error_reply(*reply)
-    return status
-
-
-def policy_milter(rec: Recorder, connect: Status = Status.CONTINUE) -> Milter:
-    @on_connect
-    async def on_conn(ctx: Context[object], hostname: str, address: SocketInfo | None) -> Status:
-        rec.add("connect")
-        return connect
-
-    @on_helo
-    async def helo(ctx: Context[object], hostname: str) -> Status:
-        rec.add("helo", hostname)
-        return _verdict(ctx, _outcome(hostname.split(".")[0], "helo"))
-
-    @on_mail
-    async def mail(ctx: Context[object], args: list[str]) -> Status:
-        rec.add("mail", args[0])
-        ctx.data = None
-        return _verdict(ctx, _outcome(args[0].strip("<>").split("@")[0], "mail"))
-
-    @on_rcpt
-    async def rcpt(ctx: Context[object], args: list[str]) -> Status:
-        rec.add("rcpt", args[0])
-        return _verdict(ctx, _outcome(args[0].strip("<>").split("@")[0], "rcpt"))
-
-    @on_header
-    async def header(ctx: Context[object], name: str, value: str) -> Status:
-        rec.add("header", name)
-        if name == "X-Eom":
-            ctx.data = value
-        return Status.CONTINUE
-
-    @on_eoh
-    async def eoh(ctx: Context[object]) -> Status:
-        rec.add("eoh")
-        return Status.CONTINUE
-
-    @on_body
-    async def body(ctx: Context[object], chunk: bytes) -> Status:
-        rec.add("body")
-        return Status.CONTINUE
-
-    @on_eom
-    async def eom(ctx: Context[object]) -> Status:
-        rec.add("eom")
-        return _verdict(ctx, ctx.data if isinstance(ctx.data, str) else None)
-
-    return Milter("policy", handlers=[on_conn, helo, mail, rcpt, header, eoh, body, eom])
-
-
-def _message(eom: str | None = None) -> bytes:
-    extra = f"X-Eom: {eom}\r\n".encode() if eom else b""
-    return b"Subject: replies\r\n" + extra + b"\r\nbody\r\n"
-
-
-def _reply(reply: tuple[int, bytes]) -> tuple[int, str]:
-    code, text = reply
-    return code, text.decode()
-
-
-def _send(
-    s: smtplib.SMTP, sender: str, rcpts: Sequence[str], data: bytes
-) -> tuple[tuple[int, str], list[tuple[int, str]], tuple[int, str] | None]:
-    """MAIL, each RCPT, then DATA if a recipient was accepted: the replies."""
-    mail = _reply(s.mail(sender))
-    if mail[0] != 250:
-        s.rset()
-        return mail, [], None
-    rcpt_replies = [_reply(s.rcpt(rcpt)) for rcpt in rcpts]
-    if not any(code == 250 for code, _ in rcpt_replies):
-        s.rset()
-        return mail, rcpt_replies, None
-    return mail, rcpt_replies, _reply(s.data(data))
+OUTCOMES: dict[str, tuple[Status, Reply | None, tuple[int, str]]] = {
+    outcome: (*VERDICTS[outcome], seen) for outcome, seen in _SEEN.items()
+}
 
 
 OK_MAIL = (250, "2.1.0 Ok")

@@ -9,156 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import re
-import smtplib
-from collections.abc import Mapping, Sequence
 
 from triomilter import (
     Actions,
     Context,
     MacroStage,
-    Milter,
     ProtocolOpts,
     SocketFamily,
     SocketInfo,
     Status,
-    on_body,
-    on_close,
-    on_connect,
-    on_data,
-    on_eoh,
-    on_eom,
-    on_header,
-    on_helo,
-    on_mail,
     on_negotiate,
-    on_rcpt,
 )
-from triomilter._handlers import AnyHandler
 
 from ._milter_runner import Recorder, strip_received, use_milter
 from .capture import CaptureServer
 from .postfix import CLIENT_HELO, HOSTNAME, PrivatePostfix
-
-SENDER = "sender@example.test"
-
-# Macros worth looking at in every stage (Postfix sends only those with a value).
-WATCHED = (
-    "j",
-    "_",
-    "v",
-    "i",
-    "{daemon_name}",
-    "{daemon_addr}",
-    "{client_addr}",
-    "{client_port}",
-    "{client_name}",
-    "{mail_addr}",
-    "{mail_host}",
-    "{rcpt_addr}",
-    "{rcpt_mailer}",
-)
-
-
-def _macros(ctx: Context[object]) -> dict[str, str]:
-    found = {name: ctx.api.macro_value(name) for name in WATCHED}
-    return {name: value for name, value in found.items() if value is not None}
-
-
-def recording_milter(
-    rec: Recorder,
-    extra_handlers: Sequence[AnyHandler] = (),
-    macros: Mapping[MacroStage, str] | None = None,
-) -> Milter:
-    """A milter with a handler for every SMTP stage, recording arguments and macros."""
-
-    @on_connect
-    async def connect(ctx: Context[object], hostname: str, address: SocketInfo | None) -> Status:
-        rec.add("connect", (hostname, address, _macros(ctx)))
-        return Status.CONTINUE
-
-    @on_helo
-    async def helo(ctx: Context[object], hostname: str) -> Status:
-        rec.add("helo", (hostname, _macros(ctx)))
-        return Status.CONTINUE
-
-    @on_mail
-    async def mail(ctx: Context[object], args: list[str]) -> Status:
-        rec.add("mail", (args, _macros(ctx)))
-        return Status.CONTINUE
-
-    @on_rcpt
-    async def rcpt(ctx: Context[object], args: list[str]) -> Status:
-        rec.add("rcpt", (args, _macros(ctx)))
-        return Status.CONTINUE
-
-    @on_data
-    async def data(ctx: Context[object]) -> Status:
-        rec.add("data", _macros(ctx))
-        return Status.CONTINUE
-
-    @on_header
-    async def header(ctx: Context[object], name: str, value: str) -> Status:
-        rec.add("header", (name, value))
-        return Status.CONTINUE
-
-    @on_eoh
-    async def eoh(ctx: Context[object]) -> Status:
-        rec.add("eoh", _macros(ctx))
-        return Status.CONTINUE
-
-    @on_body
-    async def body(ctx: Context[object], chunk: bytes) -> Status:
-        rec.add("body", chunk)
-        return Status.CONTINUE
-
-    @on_eom
-    async def eom(ctx: Context[object]) -> Status:
-        rec.add("eom", _macros(ctx))
-        return Status.CONTINUE
-
-    @on_close
-    async def close(ctx: Context[object]) -> None:
-        rec.add("close")
-
-    handlers: list[AnyHandler] = [connect, helo, mail, rcpt, data, header, eoh, body, eom, close]
-    return Milter("recorder", handlers=[*handlers, *extra_handlers], macros=macros or {})
-
-
-def _client_port(s: smtplib.SMTP) -> int:
-    """The SMTP client's own port: what Postfix reports as the client's."""
-    assert s.sock is not None
-    port: int = s.sock.getsockname()[1]
-    return port
+from .scenarios import SENDER, recording_milter
+from .scenarios import STAGE_HEADERS as HEADERS
+from .scenarios import client_port as _client_port
+from .scenarios import varied_body as _body
 
 
 def _queue_id(delivered: bytes) -> str:
     match = re.search(rb"by mta\.test\.invalid \(Postfix\) with ESMTP id ([0-9A-F]+)\b", delivered)
     assert match, delivered[:300]
     return match.group(1).decode()
-
-
-def _body(size: int) -> bytes:
-    """A body of about ``size`` bytes: varied lines, 8-bit bytes, leading dots."""
-    lines = []
-    total = 0
-    i = 0
-    while total < size:
-        line = b"." * (i % 3) + f"line {i} ".encode() + bytes(range(0x21, 0x21 + i % 90))
-        line += b"\xc3\xa9\r\n" if i % 7 == 0 else b"\r\n"
-        lines.append(line)
-        total += len(line)
-        i += 1
-    return b"".join(lines)
-
-
-HEADERS = (
-    b"From: Sender <sender@example.test>\r\n"
-    b"To: a@example.test, b@example.test\r\n"
-    b"Subject: stages\r\n"
-    b"X-Folded: first line\r\n\tsecond line\r\n  third line\r\n"
-    b"X-Empty:\r\n"
-    b"X-Spaces:    three leading spaces\r\n"
-)
 
 
 def test_every_stage_sees_its_arguments(postfix: PrivatePostfix, capture: CaptureServer) -> None:

@@ -17,7 +17,6 @@ from triomilter import (
     SocketInfo,
     Status,
     on_abort,
-    on_body,
     on_close,
     on_connect,
     on_eom,
@@ -29,16 +28,7 @@ from triomilter import (
 from ._milter_runner import Recorder, header_values, split_first_header, use_milter
 from .capture import CaptureServer
 from .postfix import PrivatePostfix
-
-SENDER = "sender@example.test"
-
-# A latin-1 Subject (not UTF-8) and a UTF-8 one, with a folded 8-bit value.
-EIGHT_BIT_HEADERS = (
-    b"Subject: caf\xe9 cr\xe8me br\xfbl\xe9e\r\n"
-    b"X-Utf8: \xc3\xa9t\xc3\xa9 \xe2\x9c\x93\r\n"
-    b"X-Folded-8bit: \xff\xfe first\r\n\t\x80 second\r\n"
-)
-EIGHT_BIT_MESSAGE = EIGHT_BIT_HEADERS + b"\r\nbody \xe9\r\n"
+from .scenarios import EIGHT_BIT_HEADERS, EIGHT_BIT_MESSAGE, SENDER, hashing_milter
 
 
 def test_8bit_headers_with_bytes_handlers(postfix: PrivatePostfix, capture: CaptureServer) -> None:
@@ -127,38 +117,6 @@ def test_str_handler_gets_tempfail_for_non_utf8(
     _, rest = split_first_header(msg.data)
     assert rest == b"X-Utf8: \xc3\xa9t\xc3\xa9\r\nX-Seen: utf-8 only\r\n\r\nbody\r\n"
     assert capture.wait_quiet(0.2) == [msg]
-
-
-@attrs.define
-class BodyHash:
-    size: int = 0
-    chunks: int = 0
-    digest: hashlib._Hash = attrs.field(factory=hashlib.sha256)
-
-
-def hashing_milter() -> Milter:
-    @on_mail
-    async def mail(ctx: Context[BodyHash], args: list[str]) -> Status:
-        ctx.data = BodyHash()
-        return Status.CONTINUE
-
-    @on_body
-    async def body(ctx: Context[BodyHash], chunk: bytes) -> Status:
-        assert ctx.data is not None
-        ctx.data.size += len(chunk)
-        ctx.data.chunks += 1
-        ctx.data.digest.update(chunk)
-        return Status.CONTINUE
-
-    @on_eom
-    async def eom(ctx: Context[BodyHash]) -> Status:
-        assert ctx.data is not None
-        await ctx.api.add_header("X-Body-Size", str(ctx.data.size))
-        await ctx.api.add_header("X-Body-Chunks", str(ctx.data.chunks))
-        await ctx.api.add_header("X-Body-SHA256", ctx.data.digest.hexdigest())
-        return Status.CONTINUE
-
-    return Milter("hasher", handlers=[mail, body, eom], actions=Actions.ADD_HEADER)
 
 
 def test_multi_megabyte_body(postfix: PrivatePostfix, capture: CaptureServer) -> None:

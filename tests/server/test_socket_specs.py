@@ -13,7 +13,7 @@ from triomilter._sockets import SocketSpec, SocketSpecError, parse_socket_spec
 from triomilter.protocol import Continue
 
 from ._mta import RawMta
-from ._support import TIMEOUT, served
+from ._support import TIMEOUT, has_ipv6_loopback, served
 from .sample_milters import milter
 
 BAD_SPECS = [
@@ -84,6 +84,7 @@ async def test_address_in_use_is_a_socket_spec_error() -> None:
         ("INET:8894@127.0.0.1", SocketSpec(SocketFamily.INET, "127.0.0.1", 8894)),
         ("Inet6:8894@::1", SocketSpec(SocketFamily.INET6, "::1", 8894)),
         ("inet6:8894@[::1]", SocketSpec(SocketFamily.INET6, "::1", 8894)),
+        ("inet:8894@[127.0.0.1]", SocketSpec(SocketFamily.INET, "127.0.0.1", 8894)),
         ("inet:smtp@127.0.0.1", SocketSpec(SocketFamily.INET, "127.0.0.1", 25)),
         ("inet:0@localhost", SocketSpec(SocketFamily.INET, "localhost", 0)),
         ("unix:/run/milter.sock", SocketSpec(SocketFamily.UNIX, path="/run/milter.sock")),
@@ -122,3 +123,15 @@ async def test_unix_forms_serve(sock_dir: Path, form: str) -> None:
         assert path.exists()
         await answers(srv.address)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("spec", ["inet:0@[127.0.0.1]", "inet6:0@[::1]"])
+async def test_bracketed_hosts_serve(spec: str) -> None:
+    """libmilter accepts ``@[host]``; so do we (Sendmail's own S= does not: deploying.md)."""
+    if "::1" in spec and not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    async with served(milter, spec) as srv:
+        with trio.fail_after(TIMEOUT):
+            client = await RawMta.to(srv.address)
+            await client.negotiate()
+            assert await client.connect() == Continue()
