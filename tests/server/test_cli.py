@@ -302,3 +302,84 @@ async def test_a_panic_in_one_worker_stops_all_with_70(spawn: Spawner) -> None:
     assert await proc.wait() == 70, proc.output()
     assert all(gone(pid) for pid in pids)
     assert "exited with status 70: stopping all" in proc.output()
+
+
+# --- serve FILE behaves like `python FILE` ------------------------------------------------
+
+SIBLING_MILTER = """
+from triomilter import Actions, Context, Milter, Status, on_eom
+
+import policy_rules  # a module beside this file, as `python milter.py` would find it
+
+
+@on_eom
+async def eom(ctx: Context[None]) -> Status:
+    await ctx.api.add_header("X-Rule", policy_rules.RULE)
+    return Status.CONTINUE
+
+
+milter = Milter("sibling", handlers=[eom], actions=Actions.ADD_HEADER)
+"""
+
+
+async def test_serve_a_file_that_imports_a_module_beside_it(spawn: Spawner, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "milter.py").write_text(SIBLING_MILTER)
+    (project / "policy_rules.py").write_text('RULE = "from-a-sibling"\n')
+    port = free_port()
+    proc = spawn(
+        "-m",
+        "triomilter",
+        "serve",
+        str(project / "milter.py"),
+        "--socket",
+        f"inet:{port}@127.0.0.1",
+        cwd=tmp_path,  # not the file's directory
+    )
+    await proc.wait_for_output("milter 'sibling' serving on")
+    with trio.fail_after(TIMEOUT):
+        client = await RawMta.to(("127.0.0.1", port))
+        replies = await client.transaction()
+    assert replies == [AddHeader(b"X-Rule", b"from-a-sibling"), Continue()]
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "import no_such_module_here\n",
+            "ModuleNotFoundError: No module named 'no_such_module_here'",
+        ),
+        ("x = 1\ndef broken(:\n", "SyntaxError"),
+        (
+            "raise RuntimeError('config missing')\n",
+            "RuntimeError: config missing (broken.py, line 1)",
+        ),
+        (
+            "from triomilter import Context, Status, on_helo\n\n"
+            "@on_helo\nasync def helo(ctx: Context[None], hostname: int) -> Status: ...\n",
+            "TypeError: @on_helo handler helo(): parameter 'hostname'",
+        ),
+    ],
+    ids=["import", "syntax", "raises", "bad-handler"],
+)
+async def test_a_file_that_cannot_load_is_one_line_and_exit_2(
+    spawn: Spawner, tmp_path: Path, source: str, message: str
+) -> None:
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    code, out = await run_cli(spawn, "serve", str(path), "--socket", "inet:0@127.0.0.1")
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    assert lines[0].startswith(f"triomilter: cannot load {path}: "), out
+    assert message in lines[0]
+    # The traceback is there for whoever asks for it.
+    code, out = await run_cli(
+        spawn, "serve", str(path), "--socket", "inet:0@127.0.0.1", "--log-level", "DEBUG"
+    )
+    assert code == 2
+    assert "Traceback (most recent call last)" in out

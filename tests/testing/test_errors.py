@@ -212,3 +212,15 @@ async def test_invalid_timeout() -> None:
     with pytest.raises(ValueError, match="timeout"):
         async with session(Responder(), timeout=0):
             pass  # pragma: no cover
+
+
+async def test_every_misbehaviour_is_one_remote_protocol_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A flaky milter needs one ``except``: a timeout is a protocol error too."""
+    assert issubclass(MilterTimeout, TimeoutError)  # and still what it always was
+    assert issubclass(MilterClosed, RemoteProtocolError)
+    async with session(answering(H=[HANG]), timeout=3) as client:
+        await client.connect("mx", None)
+        with pytest.raises(RemoteProtocolError, match="no reply from the milter to HELO"):
+            await client.helo("mx")

@@ -5,8 +5,9 @@ Installed with triomilter, this plugin is loaded by pytest automatically
 ``conftest.py``: ``pytest_plugins = ["triomilter.testing.pytest_plugin"]``.
 
 - ``milter_client``: a negotiated in-memory `MilterClient` for the milter
-  your own ``milter`` fixture returns; closed after the test, and the test
-  errors with `triomilter.MilterPanic` if a handler panicked::
+  your own ``milter`` fixture returns (without one, the test fails saying
+  how to write it); closed after the test, and the test errors with
+  `triomilter.MilterPanic` if a handler panicked::
 
       @pytest.fixture
       def milter() -> triomilter.Milter:
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 import trio
@@ -44,7 +45,7 @@ class OpenClient(Protocol):
 
     def __call__(
         self,
-        target: Milter | str | tuple[str, int] | trio.abc.Stream,
+        target: Milter[Any, Any] | str | tuple[str, int] | trio.abc.Stream,
         *,
         actions: Actions = ...,
         opts: ProtocolOpts = ...,
@@ -54,13 +55,30 @@ class OpenClient(Protocol):
 
 
 @pytest.fixture
+def milter() -> Milter[Any, Any]:
+    """Yours to define: the milter that ``milter_client`` talks to.
+
+    This default only says so, instead of pytest's bare "fixture 'milter'
+    not found".
+    """
+    pytest.fail(
+        "the milter_client fixture needs a `milter` fixture returning your Milter; "
+        "define one in your test module or conftest.py:\n\n"
+        "    @pytest.fixture\n"
+        "    def milter() -> triomilter.Milter:\n"
+        "        return mymilter.milter\n",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
 def milter_client_factory() -> OpenClient:
     """`triomilter.testing.open_client`: open a session with a milter, a socket spec or a stream."""
     return open_client
 
 
 @pytest.fixture
-async def milter_client(milter: Milter) -> AsyncIterator[MilterClient]:
+async def milter_client(milter: Milter[Any, Any]) -> AsyncIterator[MilterClient]:
     """A negotiated in-memory session with the ``milter`` fixture (which you define)."""
     async with open_in_memory(milter) as client:
         yield client
