@@ -54,3 +54,40 @@ async def eom_returns_result_of_str(ctx: Context[None]) -> Result[str]:
 
 
 Milter("bad", handlers=[print])  # E: list-item
+
+
+class Client:
+    pass
+
+
+class Other:
+    pass
+
+
+@on_helo
+async def client_helo(ctx: Context[Client], hostname: str) -> Status:
+    return Status.CONTINUE
+
+
+@on_helo
+async def other_helo(ctx: Context[Other], hostname: str) -> None:
+    pass
+
+
+# A handler typed for another data type than the milter's factory makes.
+Milter("mismatch", handlers=[client_helo], connection_data=Other)  # E: arg-type
+
+# Handlers of one milter typed for different data than its factories make.
+Milter("mixed", handlers=[client_helo, other_helo], connection_data=Client)  # E: list-item
+
+
+@on_helo
+async def no_message_data(ctx: Context[Client], hostname: str) -> Status:
+    ctx.message_data.append(1)  # E: attr-defined
+    return Status.CONTINUE
+
+
+@on_helo
+async def optional_data(ctx: Context[Client], hostname: str) -> Status:
+    ctx.data.hostname = hostname  # E: union-attr
+    return Status.CONTINUE

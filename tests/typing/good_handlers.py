@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import assert_type
+
 from triomilter import (
     Actions,
     Context,
@@ -126,3 +128,54 @@ async def call_directly(ctx: Context[list[str]]) -> Status:
     """Decorated handlers stay callable, with their types."""
     status: Status = await connect(ctx, "mx.example", None)
     return status
+
+
+# --- typed per-connection and per-message data (factories) ------------------------------
+
+
+class Client:
+    def __init__(self) -> None:
+        self.hostname = ""
+
+
+class Message:
+    def __init__(self) -> None:
+        self.recipients: list[str] = []
+
+
+@on_connect
+async def data_connect(
+    ctx: Context[Client, Message], hostname: str, address: SocketInfo | None
+) -> None:  # -> None: never answers (NOREPLY)
+    ctx.connection_data.hostname = hostname  # Client, not Client | None
+
+
+@on_rcpt
+async def data_rcpt(ctx: Context[Client, Message], args: list[bytes]) -> Status:
+    ctx.message_data.recipients.append(args[0].decode())  # Message, not Message | None
+    return Status.CONTINUE
+
+
+@on_header
+async def data_header(ctx: Context[Client, Message], name: str, value: bytes) -> None:
+    pass
+
+
+@on_eom
+async def data_eom(ctx: Context[Client, Message]) -> Result[Status]:
+    count = len(ctx.message_data.recipients)
+    await ctx.api.add_header("X-Recipients", f"{count} from {ctx.connection_data.hostname}")
+    return Ok(Status.CONTINUE)
+
+
+typed = Milter(
+    "typed",
+    handlers=[data_connect, data_rcpt, data_header, data_eom],
+    actions=Actions.ADD_HEADER,
+    connection_data=Client,
+    message_data=Message,
+)
+assert_type(typed, Milter[Client, Message])
+
+untyped_data = Milter("no-factories", handlers=[connect, eom])  # data set by hand, as before
+assert_type(untyped_data, Milter[list[str], None])

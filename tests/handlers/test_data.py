@@ -1,0 +1,149 @@
+"""Typed per-connection and per-message data, made by the milter's factories."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from triomilter import (
+    Actions,
+    Context,
+    Milter,
+    Ok,
+    Result,
+    SocketInfo,
+    StageError,
+    Status,
+    on_abort,
+    on_close,
+    on_connect,
+    on_eom,
+    on_helo,
+    on_rcpt,
+)
+from triomilter.testing import open_in_memory
+
+from ._support import OpenMilter
+
+CONNECTIONS: list[Client] = []
+MESSAGES: list[Message] = []
+
+
+@attrs.define
+class Client:
+    hostname: str = ""
+    messages: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        CONNECTIONS.append(self)
+
+
+@attrs.define
+class Message:
+    recipients: list[str] = attrs.Factory(list)
+    aborted: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        MESSAGES.append(self)
+
+
+@on_connect
+async def connect(ctx: Context[Client, Message], hostname: str, address: SocketInfo | None) -> None:
+    ctx.connection_data.hostname = hostname
+
+
+@on_rcpt
+async def rcpt(ctx: Context[Client, Message], args: list[str]) -> Status:
+    ctx.message_data.recipients.append(args[0])
+    return Status.CONTINUE
+
+
+@on_eom
+async def eom(ctx: Context[Client, Message]) -> Result[Status]:
+    client = ctx.connection_data
+    client.messages += 1
+    recipients = ",".join(ctx.message_data.recipients)
+    await ctx.api.add_header("X-Seen", f"{client.hostname} #{client.messages}: {recipients}")
+    return Ok(Status.CONTINUE)
+
+
+@on_abort
+async def abort(ctx: Context[Client, Message]) -> None:
+    ctx.message_data.aborted = True
+
+
+MILTER = Milter(
+    "data",
+    handlers=[connect, rcpt, eom, abort],
+    actions=Actions.ADD_HEADER,
+    connection_data=Client,
+    message_data=Message,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    CONNECTIONS.clear()
+    MESSAGES.clear()
+
+
+async def test_one_object_per_connection_and_one_per_message(open_milter: OpenMilter) -> None:
+    async with open_milter(MILTER) as client:
+        await client.connect("mx.example", None)
+        first = await client.send_message("<a@b>", ["<c@d>", "<e@f>"])
+        assert first.has_added_header("X-Seen", "mx.example #1: <c@d>,<e@f>")
+        second = await client.send_message("<a@b>", ["<g@h>"])  # fresh message data
+        assert second.has_added_header("X-Seen", "mx.example #2: <g@h>")  # same connection data
+        await client.quit_new_connection()
+        await client.connect("other.example", None)  # a new SMTP connection: fresh data
+        third = await client.send_message("<a@b>", ["<i@j>"])
+        assert third.has_added_header("X-Seen", "other.example #1: <i@j>")
+    assert [c.hostname for c in CONNECTIONS] == ["mx.example", "other.example"]
+    assert [m.recipients for m in MESSAGES] == [["<c@d>", "<e@f>"], ["<g@h>"], ["<i@j>"]]
+
+
+async def test_aborted_message_data_is_seen_by_on_abort_then_dropped() -> None:
+    async with open_in_memory(MILTER) as client:
+        await client.connect("mx.example", None)
+        await client.mail("<a@b>")
+        await client.rcpt("<c@d>")
+        await client.abort()
+        result = await client.send_message("<a@b>", ["<e@f>"])
+        assert result.has_added_header("X-Seen", "mx.example #1: <e@f>")
+    assert [(m.recipients, m.aborted) for m in MESSAGES] == [(["<c@d>"], True), (["<e@f>"], False)]
+
+
+async def test_message_data_outside_a_message_and_without_factories() -> None:
+    seen: list[str] = []
+
+    @on_helo
+    async def helo(ctx: Context[Client, Message], hostname: str) -> Status:
+        try:
+            ctx.message_data  # noqa: B018 - the access is the test
+        except StageError as exc:
+            seen.append(str(exc))
+        return Status.CONTINUE
+
+    @on_close
+    async def close(ctx: Context[None]) -> None:
+        try:
+            ctx.connection_data  # noqa: B018 - the access is the test
+        except LookupError as exc:
+            seen.append(str(exc))
+        try:
+            ctx.message_data  # noqa: B018 - the access is the test
+        except LookupError as exc:
+            seen.append(str(exc))
+
+    async with open_in_memory(Milter("m", handlers=[helo], message_data=Message)) as client:
+        await client.helo("mx")
+    async with open_in_memory(Milter("m", handlers=[close])):
+        pass
+    assert seen[0] == "message_data is per message; on_helo is in none"
+    assert "give Milter(connection_data=...) a factory" in seen[1]
+    assert "give Milter(message_data=...) a factory" in seen[2]
+
+
+def test_factories_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="connection_data must be a factory"):
+        Milter("m", connection_data=Client())  # type: ignore[arg-type]
