@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
+import signal
 
 import pytest
 import trio
 import trio.testing
 
 from triomilter import Context, Milter, SocketInfo, Status, on_close, on_connect
-from triomilter.protocol import Continue, Tempfail
+from triomilter.protocol import Continue, OptionNegotiationReply, Tempfail
 
-from ._mta import RawMta
-from ._support import TIMEOUT, connection_records, served, wait_until
+from ._mta import POSTFIX_OFFER, RawMta
+from ._support import TIMEOUT, Spawner, connection_records, free_port, served, wait_until
 from .sample_milters import milter
 
 
@@ -87,3 +89,40 @@ async def test_io_timeout_closes_an_idle_connection(logs: pytest.LogCaptureFixtu
         [line] = connection_records(logs, connection_id, logging.WARNING)
         assert "0.5 s" in line.getMessage()
         assert "closing the connection" in line.getMessage()
+
+
+async def test_out_of_descriptors_is_logged_once_per_episode(spawn: Spawner) -> None:
+    """EMFILE: the accept loop retries every 100 ms, logging once, then says it recovered."""
+    port = free_port()
+    proc = spawn(
+        "-c",
+        "import resource, runpy, sys; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+        "sys.argv = ['triomilter', *sys.argv[1:]]; "
+        "runpy.run_module('triomilter', run_name='__main__')",
+        "serve",
+        "tests/server/sample_milters.py",
+        "--socket",
+        f"inet:{port}@127.0.0.1",
+    )
+    await proc.wait_for_output("serving on")
+    assert "open files allowed (RLIMIT_NOFILE" in proc.output()  # told at start
+    held: list[RawMta] = []
+    with trio.fail_after(TIMEOUT):
+        for _ in range(60):  # more than there are descriptors
+            client = await RawMta.to(("127.0.0.1", port))
+            await client.send_raw(client.mta.send(POSTFIX_OFFER))
+            held.append(client)
+        await proc.wait_for_output("accept failed (Too many open files)")
+        await trio.sleep(0.5)  # several retries fail meanwhile: still one line
+        for client in held[:40]:
+            await client.aclose()
+        await proc.wait_for_output("accepting again after")
+        # The ones that waited in the backlog are served now.
+        assert isinstance((await held[-1].replies())[0], OptionNegotiationReply)
+    out = proc.output()
+    assert out.count("accept failed") == 1, out
+    match = re.search(r"accepting again after (\d+) failed attempt", out)
+    assert match and int(match.group(1)) >= 2, out
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
