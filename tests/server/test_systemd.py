@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket as stdsocket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +138,37 @@ async def test_no_notify_socket_sends_nothing(spawn: Spawner, sock_dir: Path) ->
     await transaction(("127.0.0.1", port))
     proc.signal(signal.SIGTERM)
     assert await proc.wait() == 0
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None and not os.environ.get("CI"), reason="systemd-analyze is missing"
+)
+def test_the_documented_units_verify(tmp_path: Path) -> None:
+    """docs/systemd/ as deploying.md shows them, checked by systemd itself."""
+    assert SYSTEMD_ANALYZE is not None
+    units = REPO / "docs" / "systemd"
+    deploying = (REPO / "docs" / "deploying.md").read_text()
+    for unit in ("triomilter.socket", "triomilter.service"):
+        text = (units / unit).read_text()
+        assert f"```ini\n{text}```" in deploying, f"deploying.md shows another {unit}"
+        # The ExecStart of this checkout, since systemd checks that it exists.
+        (tmp_path / unit).write_text(
+            text.replace(
+                "/opt/triomilter/bin/triomilter", str(Path(sys.executable).parent / "triomilter")
+            )
+        )
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", "triomilter.socket", "triomilter.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    service = (units / "triomilter.service").read_text()
+    socket_unit = (units / "triomilter.socket").read_text()
+    assert "Type=notify" in service and "--socket systemd" in service
+    assert "SocketGroup=postfix" in socket_unit and "SocketMode=0660" in socket_unit
