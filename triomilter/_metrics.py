@@ -93,7 +93,6 @@ class Metrics:
     def __init__(self) -> None:
         self.connections_open = 0
         self.connections_total = 0
-        self.commands: Counter[Stage] = Counter()
         self.replies: Counter[tuple[Stage, Status]] = Counter()
         self.messages: Counter[str] = Counter()
         self.handler_seconds: dict[Stage, Histogram] = {}
@@ -114,7 +113,6 @@ class Metrics:
 
     def replied(self, stage: Stage, status: Status, ends_message: bool) -> None:
         """A command of ``stage`` was answered with ``status`` (or not: NOREPLY)."""
-        self.commands[stage] += 1
         self.replies[stage, status] += 1
         if ends_message:
             self.messages[_VERDICT_OF_STATUS.get(status, "tempfailed")] += 1
@@ -123,7 +121,9 @@ class Metrics:
         histogram = self.handler_seconds.get(stage)
         if histogram is None:
             histogram = self.handler_seconds[stage] = Histogram()
-        histogram.observe(seconds)
+        # Histogram.observe, inline: this runs for every handler call.
+        histogram.counts[bisect.bisect_left(histogram.buckets, seconds)] += 1
+        histogram.sum += seconds
 
     def message_aborted(self) -> None:
         self.messages["aborted"] += 1
@@ -144,6 +144,14 @@ class Metrics:
         self.loop_stalls += 1
 
     # --- reading -----------------------------------------------------------------------
+
+    @property
+    def commands(self) -> Counter[Stage]:
+        """Commands received, by stage (each one got a reply, or none: NOREPLY)."""
+        counts: Counter[Stage] = Counter()
+        for (stage, _), count in self.replies.items():
+            counts[stage] += count
+        return counts
 
     @property
     def messages_total(self) -> int:
