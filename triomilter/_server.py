@@ -274,7 +274,9 @@ class _Server:
                     stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("[%s] connection from %s", connection_id, _peer(stream))
-            await serve_connection(self.milter, stream, self.state, self.limits, connection_id)
+            await serve_connection(
+                self.milter, stream, self.state, self.limits, connection_id, self.root
+            )
         finally:
             self.open_connections -= 1
             if self.refused and self.open_connections < self.options.max_connections:

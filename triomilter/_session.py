@@ -208,6 +208,7 @@ class Session:
         "conn",
         "connection_id",
         "ctx",
+        "ended",
         "error_reply",
         "handlers",
         "io",
@@ -249,7 +250,6 @@ class Session:
         self.io = IoDeadline(limits.io_timeout)
         self.tasks: ConnectionTasks | None = ConnectionTasks(nursery, self._task_panicked)
         self.ctx: Context[Any, Any] = Context(self, milter.message_data)
-        self.ctx.data = self._new_connection_data()
         self.stage = Stage.NEGOTIATE
         self.error_reply: bytes | None = None
         self.requested_macros: dict[MacroStage, bytes] = {}
@@ -260,6 +260,8 @@ class Session:
         self.call_scope = trio.CancelScope()
         """Every handler call runs inside it; a call that waits gives it its deadline."""
         self.slow_call: SlowCall | None = None
+        self.ended = False
+        self.ctx.data = self._new_connection_data()  # last: a failing factory logs with all set
 
     # --- what the context needs (ContextHost) ---------------------------------------
 
@@ -334,17 +336,8 @@ class Session:
     async def run(self) -> None:
         """Serve the connection until the MTA quits, it breaks, or we are cancelled."""
         try:
-            with self.io.scope:
-                while await self._serve():
-                    pass
-            if self.io.scope.cancelled_caught:
-                self.log(
-                    logging.WARNING,
-                    "%s; closing the connection",
-                    self.io.reason,
-                    event="io_timeout",
-                )
-                await self._connection_lost()
+            while await self._serve():
+                pass
         except ConnectionEnded:
             await self._connection_lost()
         except RemoteProtocolError as exc:
@@ -376,12 +369,21 @@ class Session:
         owed in the engine.
         """
         with trio.CancelScope() as self.call_scope:
+            self.io.scope = self.call_scope  # one scope per connection for both deadlines
             await self._loop()
             return False
         return await self._call_cancelled()
 
     async def _call_cancelled(self) -> bool:
-        """A handler ran past its deadline or the MTA hung up: answer, or end."""
+        """A deadline passed (I/O, a handler's) or the MTA hung up: answer, or end."""
+        if self.io.reason is not None:
+            self.log(
+                logging.WARNING,
+                "%s; closing the connection",
+                self.io.reason,
+                event="io_timeout",
+            )
+            raise ConnectionEnded
         call = self.slow_call
         self.slow_call = None
         assert call is not None
@@ -698,7 +700,30 @@ class Session:
 
     def _new_connection_data(self) -> Any:
         factory = self.milter.connection_data
-        return factory() if factory is not None else None
+        if factory is None:
+            return None
+        try:
+            return factory()
+        except Exception as exc:
+            # The factory is the milter's code, like a handler: the same policy.
+            if self.milter.on_exception == "tempfail":
+                self.log(
+                    logging.ERROR,
+                    "connection_data factory raised %r; going on without connection data",
+                    exc,
+                    exc_info=exc,
+                    event="handler_exception",
+                )
+            else:
+                self.log(
+                    logging.CRITICAL,
+                    "connection_data factory panicked; the milter shuts down: %r",
+                    exc,
+                    exc_info=exc,
+                    event="panic",
+                )
+                self.state.trip(exc)
+            return None
 
     def _task_panicked(self, exc: BaseException) -> None:
         self.log(
@@ -710,13 +735,19 @@ class Session:
         )
         self.state.trip(exc)
 
+    def end(self) -> None:
+        """The connection is over: stop its background tasks and its I/O watch."""
+        if self.tasks is not None:
+            self.tasks.cancel()
+        self.ended = True
+
     # --- the I/O deadline of a connection served without a server --------------------------
 
     async def watch_io(self) -> None:
         period = self.io.period
-        while True:
+        while not self.ended:
             await trio.sleep(period)
-            if self.io.check(self.transport, self.conn, trio.current_time()):
+            if self.ended or self.io.check(self.transport, self.conn, trio.current_time()):
                 return
 
 
@@ -726,14 +757,22 @@ async def serve_connection(
     state: ServerState | None = None,
     limits: Limits | None = None,
     connection_id: str = "-",
+    nursery: trio.Nursery | None = None,
 ) -> None:
     """Serve one MTA connection on ``stream`` until it ends; close the stream.
 
     ``state`` is shared with the server's other connections (a fresh one if
     None); ``limits`` default to those of the default `ServerOptions`.
-    Background tasks started through ``ctx.connection_nursery`` are cancelled
-    when the connection ends; an exception escaping one is a panic.
+    Background work (``ctx.connection_nursery``, and the watchers of slow
+    handler calls) runs in ``nursery`` (the server's; one of its own if
+    None) and is cancelled when the connection ends; an exception escaping a
+    background task is a panic.
     """
+    if nursery is None:
+        async with trio.open_nursery() as own:
+            await serve_connection(milter, stream, state, limits, connection_id, own)
+            own.cancel_scope.cancel()
+        return
     if state is None:
         state = ServerState()
     if limits is None:
@@ -741,28 +780,26 @@ async def serve_connection(
     metrics = state.metrics
     if metrics is not None:
         metrics.connection_opened()
+    session = Session(milter, stream, state, limits, connection_id, nursery)
+    state.sessions.add(session)
     try:
-        async with trio.open_nursery() as nursery:
-            session = Session(milter, stream, state, limits, connection_id, nursery)
-            state.sessions.add(session)
-            if not state.watched:
-                nursery.start_soon(session.watch_io)
-            try:
-                await session.run()
-            except Exception as exc:
-                # A bug of ours, not the handler's: this connection alone ends.
-                log.error(
-                    "[%s] internal error, closing the connection: %r",
-                    connection_id,
-                    exc,
-                    exc_info=exc,
-                )
-            finally:
-                state.sessions.discard(session)
-                if state.draining:
-                    state.left_message(session)
-                nursery.cancel_scope.cancel()
+        if not state.watched:
+            nursery.start_soon(session.watch_io)
+        try:
+            await session.run()
+        except Exception as exc:
+            # A bug of ours, not the handler's: this connection alone ends.
+            log.error(
+                "[%s] internal error, closing the connection: %r",
+                connection_id,
+                exc,
+                exc_info=exc,
+            )
     finally:
+        state.sessions.discard(session)
+        if state.draining:
+            state.left_message(session)
+        session.end()
         if metrics is not None:
             metrics.connection_closed()
         with trio.CancelScope(shield=True), trio.move_on_after(1):

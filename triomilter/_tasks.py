@@ -24,13 +24,24 @@ class ConnectionTasks:
     connection keeps answering (TEMPFAIL) while the server shuts down, as
     for a handler's exception. `ConnectionLost` (the MTA went away) is not a
     panic: the connection is ending anyway.
+
+    The tasks run in a nursery shared by all connections (the server's),
+    each in a cancel scope of its own that the connection cancels when it
+    ends: an idle connection then costs no nursery of its own.
     """
 
-    __slots__ = ("_nursery", "_on_panic")
+    __slots__ = ("_nursery", "_on_panic", "_scopes")
 
     def __init__(self, nursery: trio.Nursery, on_panic: Callable[[BaseException], None]) -> None:
         self._nursery = nursery
         self._on_panic = on_panic
+        self._scopes: set[trio.CancelScope] = set()
+
+    def cancel(self) -> None:
+        """The connection ends: cancel every task still running."""
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes.clear()
 
     def start_soon(
         self,
@@ -39,7 +50,9 @@ class ConnectionTasks:
         name: object = None,
     ) -> None:
         """Start ``async_fn(*args)`` in the background."""
-        self._nursery.start_soon(self._run, async_fn, args, name=name or async_fn)
+        scope = trio.CancelScope()
+        self._scopes.add(scope)
+        self._nursery.start_soon(self._run, async_fn, args, scope, name=name or async_fn)
 
     async def start(
         self, async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
@@ -51,32 +64,46 @@ class ConnectionTasks:
         caller's to handle, not a panic); if this call is cancelled before
         then, so is the task.
         """
-        return await self._nursery.start(self._run_started, async_fn, args, name=name or async_fn)
+        scope = trio.CancelScope()
+        self._scopes.add(scope)
+        return await self._nursery.start(
+            self._run_started, async_fn, args, scope, name=name or async_fn
+        )
 
     async def _run(
-        self, async_fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+        self,
+        async_fn: Callable[..., Awaitable[object]],
+        args: tuple[object, ...],
+        scope: trio.CancelScope,
     ) -> None:
         try:
-            await async_fn(*args)
+            with scope:
+                await async_fn(*args)
         except ConnectionLost:
             pass
         except Exception as exc:
             self._on_panic(exc)
+        finally:
+            self._scopes.discard(scope)
 
     async def _run_started(
         self,
         async_fn: Callable[..., Awaitable[object]],
         args: tuple[object, ...],
+        scope: trio.CancelScope,
         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         status = _WatchedStatus(task_status)
         try:
-            await async_fn(*args, task_status=status)
+            with scope:
+                await async_fn(*args, task_status=status)
         except Exception as exc:
             if not status.started_yet:
                 raise  # trio's start() hands it to the caller unchanged
             if not isinstance(exc, ConnectionLost):
                 self._on_panic(exc)
+        finally:
+            self._scopes.discard(scope)
 
 
 class _WatchedStatus:

@@ -202,8 +202,8 @@ class IoDeadline:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.scope = trio.CancelScope()
-        """Cancelled when the deadline passes; the session runs inside it."""
+        self.scope: trio.CancelScope | None = None
+        """Cancelled when the deadline passes: the scope the session runs in now."""
         self.reason: str | None = None
         self._count = -1
         self._since = 0.0
@@ -242,7 +242,8 @@ class IoDeadline:
 
     def _fire(self, reason: str) -> bool:
         self.reason = reason
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
         return True
 
 

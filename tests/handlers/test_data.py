@@ -9,6 +9,7 @@ from triomilter import (
     Actions,
     Context,
     Milter,
+    MilterPanic,
     Ok,
     Result,
     SocketInfo,
@@ -147,3 +148,18 @@ async def test_message_data_outside_a_message_and_without_factories() -> None:
 def test_factories_must_be_callable() -> None:
     with pytest.raises(TypeError, match="connection_data must be a factory"):
         Milter("m", connection_data=Client())  # type: ignore[arg-type]
+
+
+async def test_a_failing_factory_is_a_panic_not_a_crash() -> None:
+    def broken() -> Client:
+        raise OSError("cannot open the policy database")
+
+    @on_helo
+    async def helo(ctx: Context[Client], hostname: str) -> Status:
+        return Status.CONTINUE  # pragma: no cover
+
+    milter = Milter("broken", handlers=[helo], connection_data=broken)
+    with pytest.raises(MilterPanic) as info:
+        async with open_in_memory(milter) as client:
+            assert (await client.helo("mx")).status is Status.TEMPFAIL
+    assert isinstance(info.value.__cause__, OSError)
