@@ -506,7 +506,7 @@ class Session:
         if result is None and handler.returns is Returns.NONE:
             return Status.NOREPLY if silent else Status.CONTINUE
         if result is PANICKED or result is FAILED:
-            return Status.TEMPFAIL
+            return Status.NOREPLY if silent else Status.TEMPFAIL  # nothing to say: say nothing
         if isinstance(result, Ok):
             if type(result.value) is Status:
                 return result.value
@@ -520,7 +520,7 @@ class Session:
                 result.error,
                 event="handler_err",
             )
-            return Status.TEMPFAIL
+            return Status.NOREPLY if silent else Status.TEMPFAIL
         self.log(
             logging.ERROR,
             "%s: handler %s returned %r, not a Status; answering TEMPFAIL",
@@ -551,9 +551,13 @@ class Session:
             return
         if self.state.panic is not None:
             status = Status.TEMPFAIL  # after a panic nothing but TEMPFAIL is answered
-        faked = status is Status.NOREPLY and self._faked_noreply(owed)
-        was_in_message = conn.in_message
-        reply = reply_for(status, error_reply, faked_noreply=faked)
+        metrics = self.metrics
+        was_in_message = metrics is not None and conn.in_message
+        reply = reply_for(
+            status,
+            error_reply,
+            faked_noreply=status is Status.NOREPLY and self._faked_noreply(owed),
+        )
         try:
             if reply is None:
                 raise LocalProtocolError(f"{status.name} stands for no reply")
@@ -569,15 +573,17 @@ class Session:
             )
             status, reply = Status.TEMPFAIL, TEMPFAIL
             data = conn.send(TEMPFAIL)
+        writes = self.writes
         if owed == _EOM and (status is Status.TEMPFAIL or reply is TEMPFAIL):
-            self.writes.drop()  # the message fails: its changes are moot
-        await self.writes.send(data)
-        if not conn.in_message:
+            writes.drop()  # the message fails: its changes are moot
+        if writes.outbox or writes.writing is not None:
+            await writes.send(data)
+        else:
+            await self.transport.send(data)  # the common case: nothing to write before it
+        if self.ctx._message is not None and not conn.in_message:
             self.ctx._end_message()
-            if self.metrics is not None:
-                self.metrics.replied(self.stage, status, was_in_message)
-        elif self.metrics is not None:
-            self.metrics.replied(self.stage, status, False)
+        if metrics is not None:
+            metrics.replied(self.stage, status, was_in_message and not conn.in_message)
 
     def _faked_noreply(self, owed: int) -> bool:
         negotiated = self.negotiated

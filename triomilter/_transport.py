@@ -255,7 +255,7 @@ class WriteQueue:
     (a large queue, progress): one write at a time, in queue order.
     """
 
-    __slots__ = ("_writing", "outbox", "transport")
+    __slots__ = ("outbox", "transport", "writing")
 
     FLUSH_THRESHOLD = 256 * 1024
     """Queued changes are written early past this many bytes."""
@@ -263,7 +263,8 @@ class WriteQueue:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.outbox = bytearray()
-        self._writing: trio.Event | None = None
+        self.writing: trio.Event | None = None
+        """Set while a write is under way (the next waits for it)."""
 
     def add(self, data: bytes) -> bool:
         """Queue ``data``; True if the queue should be written now (it is large)."""
@@ -276,7 +277,7 @@ class WriteQueue:
 
     async def send(self, data: bytes) -> None:
         """Write the queue and then ``data`` (a final reply)."""
-        if self._writing is None and not self.outbox:
+        if self.writing is None and not self.outbox:
             await self.transport.send(data)  # the common case: nothing else to order
             return
         self.outbox += data
@@ -284,15 +285,15 @@ class WriteQueue:
 
     async def flush(self) -> None:
         """Write what is queued, after any write already under way."""
-        while self._writing is not None:
-            await self._writing.wait()
+        while self.writing is not None:
+            await self.writing.wait()
         if not self.outbox:
             return  # a write that waited with us took it
         data = bytes(self.outbox)
         self.outbox.clear()
-        self._writing = done = trio.Event()
+        self.writing = done = trio.Event()
         try:
             await self.transport.send(data)
         finally:
-            self._writing = None
+            self.writing = None
             done.set()

@@ -272,3 +272,21 @@ async def test_err_from_negotiate_closes_the_connection_without_panic(
     with pytest.raises(MilterClosed):
         async with open_milter(M("neg", handlers=[negotiate])):
             pass  # pragma: no cover
+
+
+async def test_a_failing_handler_of_an_unanswered_stage_says_nothing_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No reply is owed: no misleading "handler returned TEMPFAIL ... nothing sent" error."""
+
+    @on_header
+    async def header(ctx: Context[None], name: str, value: str) -> None:
+        raise ValueError("a bug")
+
+    milter = M("quiet", handlers=[header], on_exception="tempfail")
+    async with open_in_memory(milter) as client:
+        await client.mail("<a@b>")
+        assert (await client.header("Subject", "x")).status is Status.NOREPLY
+        assert (await client.eom()).status is Status.CONTINUE
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(messages) == 1 and "raised ValueError" in messages[0], messages

@@ -11,7 +11,7 @@ from ._framing import NEED_DATA, FrameReader, NeedData
 from ._macros import MESSAGE_SLOT, SLOT_OF_CODE, MacroStore
 from ._negotiation import Negotiated, check_reply
 from ._replies import OptionNegotiationReply, Reply
-from ._state import ABORTS, FINAL_REPLIES, IGNORED, SessionState, State
+from ._state import ABORTS, FINAL_REPLIES, IGNORED, REPLYING_COMMANDS, SessionState, State
 
 # Commands that reset the macro sets of every later stage when they arrive.
 _SCOPING = {
@@ -27,6 +27,7 @@ _ABORT = int(CommandCode.ABORT)
 _QUIT = int(CommandCode.QUIT)
 _QUIT_NC = int(CommandCode.QUIT_NC)
 _OPTNEG = int(CommandCode.OPTNEG)
+_REPLYING = frozenset(int(code) for code in REPLYING_COMMANDS)
 _SKIP_BIT = 0x400  # ProtocolOpts.SKIP as a plain int (IntFlag operators run in Python)
 
 
@@ -126,7 +127,7 @@ class MilterConnection:
             self._session.failed()
             raise
 
-    def _next_command(self) -> Command | NeedData:
+    def _next_command(self) -> Command | NeedData:  # noqa: C901 - the hot loop, inline on purpose
         reader = self._reader
         while True:
             frame = reader.next_frame()
@@ -134,7 +135,10 @@ class MilterConnection:
                 return NEED_DATA
             code, payload = frame
             if code == _MACRO:
-                self._define_macros(payload)
+                state = self._session.state
+                if state is State.NEGOTIATE or state is State.CLOSED:
+                    raise self._unexpected(_MACRO)
+                self.macros.define(payload)
                 continue
             decoder = COMMAND_DECODERS.get(code)
             if decoder is None:
@@ -163,17 +167,16 @@ class MilterConnection:
                 # K clear all once delivered.
                 self._pending = event
                 return ABORT
-            self._owe(code)
-            if code == _OPTNEG:
-                assert isinstance(event, OptionNegotiation)
-                self._offer = event
+            if code in _REPLYING and code not in self._session.silent:
+                # Inline `_owe` for the common case: a command owing a reply.
+                self.owed = code
+                self._session.body_run = 0
+                if code == _OPTNEG:
+                    assert isinstance(event, OptionNegotiation)
+                    self._offer = event
+            else:
+                self._owe(code)
             return event
-
-    def _define_macros(self, payload: bytes) -> None:
-        state = self._session.state
-        if state is State.NEGOTIATE or state is State.CLOSED:
-            raise self._unexpected(_MACRO)
-        self.macros.define(payload)
 
     def _owe(self, code: int) -> None:
         """Record what delivering command ``code`` means for replies and macros."""
