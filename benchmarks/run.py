@@ -105,6 +105,12 @@ MILTERS: dict[str, MilterSpec] = {
             triomilter=True,
         ),
         MilterSpec(
+            "triomilter-metrics",
+            (str(VENV_PY), str(HERE / "milters" / "triomilter_bench.py"), "--metrics"),
+            "triomilter counting everything in a triomilter.Metrics (what --metrics costs)",
+            triomilter=True,
+        ),
+        MilterSpec(
             "pymilter",
             (str(VENV_PY), str(HERE / "peers" / "pymilter_bench.py")),
             "pymilter (libmilter, thread per connection)",

@@ -74,7 +74,7 @@ def build_milter() -> Milter:  # type: ignore[type-arg]
     return triomilter_bench.every_stage_milter
 
 
-async def one_run(milter: Milter, messages: int) -> float:  # type: ignore[type-arg]
+async def one_run(milter: Milter, messages: int, metrics: bool = False) -> float:  # type: ignore[type-arg]
     rounds = [
         engine_bench.OFFER,
         *engine_bench.CONNECTION_ROUNDS,
@@ -83,7 +83,13 @@ async def one_run(milter: Milter, messages: int) -> float:  # type: ignore[type-
     stream = Replay(rounds)
     serve = _serve_connection()
     start = time.process_time()
-    await serve(milter, stream)  # type: ignore[operator]
+    if metrics:
+        from triomilter import Metrics
+        from triomilter._session import ServerState
+
+        await serve(milter, stream, ServerState(metrics=Metrics()))  # type: ignore[operator]
+    else:
+        await serve(milter, stream)  # type: ignore[operator]
     elapsed = time.process_time() - start
     assert stream.next == len(rounds), "the session stopped early"
     return elapsed / messages * 1e6
@@ -94,17 +100,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--metrics", action="store_true", help="count in a triomilter.Metrics")
     args = parser.parse_args()
     milter = build_milter()
     trio.run(one_run, milter, 200)  # warm up
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        trio.run(one_run, milter, args.messages)
+        trio.run(one_run, milter, args.messages, args.metrics)
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
         return
-    results = [trio.run(one_run, milter, args.messages) for _ in range(args.runs)]
+    results = [trio.run(one_run, milter, args.messages, args.metrics) for _ in range(args.runs)]
     print(
         f"per message: median {statistics.median(results):6.1f} us CPU, "
         f"best {min(results):6.1f} us ({args.runs} runs x {args.messages} messages)"

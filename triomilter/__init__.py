@@ -37,6 +37,7 @@ from ._handlers import (
     on_rcpt,
     on_unknown,
 )
+from ._metrics import Metrics
 from ._milter import Milter
 from ._options import ServerOptions
 from ._stage import Stage
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidArgument",
     "MacroDecodeError",
     "MacroStage",
+    "Metrics",
     "Milter",
     "MilterError",
     "MilterPanic",

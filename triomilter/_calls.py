@@ -72,8 +72,7 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
                 step = coro.send(None)
             except StopIteration as done:
                 step, result = _DONE, done.value
-            if _perf_counter() - started > session.stall_warning:
-                session.state.stalled(session, handler, _perf_counter() - started)
+            _ran(session, handler, _perf_counter() - started, step is _DONE)
             if step is _DONE:
                 return result
             return await _finish(session, handler, _drive(session, handler, coro, step))
@@ -81,10 +80,10 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
             return await _finish(session, handler, _in_thread(session, handler, args))
         started = _perf_counter()
         result = handler.func(session.ctx, *args)
-        if _perf_counter() - started > session.stall_warning:
-            session.state.stalled(session, handler, _perf_counter() - started)
-        if inspect.isawaitable(result):  # an async callable object, say
-            return await _finish(session, handler, _await(result))
+        waits = inspect.isawaitable(result)  # an async callable object, say
+        _ran(session, handler, _perf_counter() - started, not waits)
+        if waits:
+            return await _finish(session, handler, _await(result))  # type: ignore[arg-type]
         return result
     except Exception as exc:
         return _failed(session, handler, exc)
@@ -103,12 +102,20 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
 _DONE: Any = object()
 
 
+def _ran(session: Session, handler: AnyHandler, held: float, done: bool) -> None:
+    """A handler held the event loop ``held`` seconds (``done``: and returned)."""
+    if held > session.stall_warning:
+        session.state.stalled(session, handler, held)
+    if done and session.metrics is not None:
+        session.metrics.handler_ran(handler.stage, held)
+
+
 def _failed(session: Session, handler: AnyHandler, exc: Exception) -> object:
     """What an exception escaping ``handler`` makes of the call."""
     if isinstance(exc, ConnectionLost):
         # The MTA went away while a change was written: this connection ends
         # (on_abort/on_close), the milter does not.
-        session.log(logging.WARNING, "%s", exc)
+        session.log(logging.WARNING, "%s", exc, event="connection_lost")
         raise ConnectionEnded from None
     if isinstance(exc, MilterError) and handler.returns is Returns.RESULT:
         return Err(exc)
@@ -124,6 +131,7 @@ def _unexpected(session: Session, handler: AnyHandler, exc: BaseException) -> ob
             handler.__qualname__,
             exc,
             exc_info=exc,
+            event="handler_exception",
         )
         return FAILED
     session.log(
@@ -132,6 +140,7 @@ def _unexpected(session: Session, handler: AnyHandler, exc: BaseException) -> ob
         handler.__qualname__,
         exc,
         exc_info=exc,
+        event="panic",
     )
     session.state.trip(exc)
     return PANICKED
@@ -171,6 +180,8 @@ async def _finish(session: Session, handler: AnyHandler, work: Awaitable[object]
             watcher.cancel()
         state.call_ended()
         scope.deadline = math.inf
+        if session.metrics is not None:
+            session.metrics.handler_ran(handler.stage, trio.current_time() - now)
 
 
 class SlowCall:

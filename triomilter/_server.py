@@ -16,6 +16,7 @@ import resource
 import signal
 import socket as stdsocket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -23,10 +24,12 @@ import trio
 from typing_extensions import Unpack
 
 from ._errors import ForcedShutdown, MilterPanic
+from ._metrics import Metrics
 from ._milter import Milter
 from ._options import Limits, ServerOptions, ServerOptionsKwargs
 from ._session import ServerState, refuse_connection, serve_connection
 from ._sockets import describe_address, open_listener, parse_socket_spec
+from ._systemd import Notifier
 
 log = logging.getLogger("triomilter")
 
@@ -35,25 +38,35 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 _ACCEPT_RETRY_DELAY = 0.1
 _REFUSING_AT_ONCE = 64
 """Over-limit connections answered at the same time; beyond, they are closed at once."""
+_STATUS_EVERY = 5.0
+"""Seconds between two ``STATUS=`` updates to systemd (when they changed)."""
 _SPARE_DESCRIPTORS = 64
 """Descriptors kept beside the connections (listener, threads' pipes, logs...)."""
 
 
 async def serve_listener(
     milter: Milter[Any, Any],
-    listener: trio.abc.Listener[trio.abc.Stream],
+    listener: trio.abc.Listener[trio.abc.Stream] | Sequence[trio.abc.Listener[trio.abc.Stream]],
     options: ServerOptions | None = None,
     *,
     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
     shutdown: trio.Event | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Serve ``milter`` on an already open ``listener`` until cancelled, shut down or a panic.
 
     For a listener opened elsewhere: by systemd (socket activation), by a
-    parent process (descriptor passing), by a test. With
-    ``nursery.start(serve_listener, ...)`` the bound address is reported (the
-    ``getsockname()`` of a `trio.SocketListener`, else None). ``options``
-    are the server's `ServerOptions` (the defaults if None).
+    parent process (descriptor passing), by a test; several listeners (a
+    sequence) share one server. With ``nursery.start(serve_listener, ...)``
+    the bound address is reported (the ``getsockname()`` of the first
+    listener if it is a `trio.SocketListener`, else None). ``options`` are
+    the server's `ServerOptions` (the defaults if None); ``metrics``, if
+    given, counts what the server does (`Metrics`).
+
+    Under systemd (``Type=notify``, ``NOTIFY_SOCKET`` set) it tells systemd
+    ``READY=1`` once listening, its connections and messages in ``STATUS=``,
+    ``STOPPING=1`` when draining, and, with ``WatchdogSec=``, ``WATCHDOG=1``
+    from the event loop every half watchdog period.
 
     Shutdown:
 
@@ -84,13 +97,17 @@ async def serve_listener(
     per episode and retried every 100 ms; other accept errors propagate.
     """
     options = options if options is not None else ServerOptions()
+    listeners = [listener] if isinstance(listener, trio.abc.Listener) else list(listener)
+    if not listeners:
+        raise ValueError("serve_listener needs at least one listener")
     _fit_descriptors(options.max_connections)
-    server = _Server(milter, listener, options)
+    server = _Server(milter, listeners, options, metrics)
     try:
         await server.run(task_status, shutdown)
     finally:
         with trio.CancelScope(shield=True):
-            await listener.aclose()
+            for one in listeners:
+                await one.aclose()
     if server.state.panic is not None:
         raise MilterPanic(
             f"milter {milter.name!r} shut down after a handler panicked: {server.state.panic!r}"
@@ -106,6 +123,7 @@ async def serve(
     *,
     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
     shutdown: trio.Event | None = None,
+    metrics: Metrics | None = None,
     **overrides: Unpack[ServerOptionsKwargs],
 ) -> None:
     """Serve ``milter`` on ``socket`` (``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:/path``).
@@ -135,7 +153,9 @@ async def serve(
     )
     socket_file = _file_id(spec.path) if spec.path else None
     try:
-        await serve_listener(milter, listener, options, task_status=task_status, shutdown=shutdown)
+        await serve_listener(
+            milter, listener, options, task_status=task_status, shutdown=shutdown, metrics=metrics
+        )
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
@@ -148,17 +168,21 @@ class _Server:
     def __init__(
         self,
         milter: Milter[Any, Any],
-        listener: trio.abc.Listener[trio.abc.Stream],
+        listeners: list[trio.abc.Listener[trio.abc.Stream]],
         options: ServerOptions,
+        metrics: Metrics | None,
     ) -> None:
         self.milter = milter
-        self.listener = listener
+        self.listeners = listeners
         self.options = options
         self.limits: Limits = options.limits_for(milter)
         self.panicked = trio.Event()
         self.state = ServerState(
-            on_panic=lambda exc: self.panicked.set(), thread_limit=options.thread_limit
+            on_panic=lambda exc: self.panicked.set(),
+            thread_limit=options.thread_limit,
+            metrics=metrics,
         )
+        self.notifier = Notifier.from_environment()
         self.state.watched = True  # one task checks every connection's I/O deadline
         self.accepting = trio.CancelScope()
         self.root: trio.Nursery | None = None
@@ -170,11 +194,12 @@ class _Server:
         self._ids = itertools.count(1)
 
     async def run(self, task_status: trio.TaskStatus[object], shutdown: trio.Event | None) -> None:
-        address = _address_of(self.listener)
+        address = _address_of(self.listeners[0])
         try:
             async with trio.open_nursery() as root:
                 self.root = root
-                root.start_soon(self._accept_loop)
+                for listener in self.listeners:
+                    root.start_soon(self._accept_loop, listener)
                 root.start_soon(self._after_panic)
                 root.start_soon(self._watch_io)
                 if (
@@ -184,7 +209,11 @@ class _Server:
                     await root.start(self._watch_signals)
                 if shutdown is not None:
                     root.start_soon(self._watch_event, shutdown)
-                log.info("milter %r serving on %s", self.milter.name, describe_address(address))
+                where = ", ".join(describe_address(_address_of(one)) for one in self.listeners)
+                log.info("milter %r serving on %s", self.milter.name, where)
+                if self.notifier is not None:
+                    self.notifier.send("READY=1", f"STATUS=serving on {where}")
+                    root.start_soon(self._notify_systemd)
                 task_status.started(address)
         except BaseExceptionGroup as group:
             # One failure (an accept error, say) is raised as itself, as documented.
@@ -197,14 +226,14 @@ class _Server:
 
     # --- accepting -------------------------------------------------------------------
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         assert self.root is not None
         failed = 0
         since = 0.0
         with self.accepting:
             while True:
                 try:
-                    stream = await self.listener.accept()
+                    stream = await listener.accept()
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
@@ -233,7 +262,7 @@ class _Server:
                 self.root.start_soon(self._connection, stream, connection_id)
         # Stopped accepting: free the address for a restarted server at once.
         with trio.CancelScope(shield=True):
-            await self.listener.aclose()
+            await listener.aclose()
 
     async def _connection(self, stream: trio.abc.Stream, connection_id: str) -> None:
         try:
@@ -258,6 +287,8 @@ class _Server:
     def _refuse(self, stream: trio.abc.Stream, connection_id: str) -> None:
         """No room for ``stream``: answer it TEMPFAIL (or close it), and say so once."""
         assert self.root is not None
+        if self.state.metrics is not None:
+            self.state.metrics.connection_limit_hit()
         if not self.refused:
             log.warning(
                 "connection limit of %d reached (--max-connections): new MTA connections "
@@ -297,6 +328,8 @@ class _Server:
     async def _after_panic(self) -> None:
         await self.panicked.wait()
         self.accepting.cancel()
+        if self.notifier is not None:
+            self.notifier.send("STOPPING=1", "STATUS=stopping after a handler panicked")
         grace = self.options.panic_grace
         log.critical("a handler panicked: stopping (grace %.1f s for running handlers)", grace)
         with trio.move_on_after(grace):
@@ -309,6 +342,8 @@ class _Server:
             return
         self.stopping = True
         self.accepting.cancel()
+        if self.notifier is not None:
+            self.notifier.send("STOPPING=1", "STATUS=draining")
         grace = self.options.shutdown_grace
         log.info(
             "shutting down: %d message(s) in flight, up to %.1f s grace",
@@ -339,6 +374,25 @@ class _Server:
                 log.info("%s received", name)
                 assert self.root is not None
                 self.root.start_soon(self._drain)
+
+    async def _notify_systemd(self) -> None:
+        """``WATCHDOG=1`` from the event loop, and the connections in ``STATUS=``."""
+        assert self.notifier is not None
+        interval = self.notifier.watchdog_interval
+        period = min(interval, _STATUS_EVERY) if interval else _STATUS_EVERY
+        last = ""
+        while True:
+            await trio.sleep(period)
+            lines = ["WATCHDOG=1"] if interval else []
+            status = (
+                f"STATUS={len(self.state.sessions)} connection(s), "
+                f"{self.state.messages_in_flight} message(s) in progress"
+            )
+            if status != last and not self.stopping:
+                lines.append(status)
+                last = status
+            if lines:
+                self.notifier.send(*lines)
 
     async def _watch_event(self, shutdown: trio.Event) -> None:
         await shutdown.wait()

@@ -26,6 +26,7 @@ from ._calls import FAILED, PANICKED, ConnectionEnded, SlowCall, call
 from ._context import Context
 from ._errors import ConnectionLost, StageError
 from ._handlers import AnyHandler, Returns
+from ._metrics import Metrics
 from ._milter import Milter
 from ._options import Limits, ServerOptions
 from ._stage import STAGE_OF_COMMAND, Stage
@@ -85,6 +86,7 @@ class ServerState:
         "_stalls",
         "calls",
         "draining",
+        "metrics",
         "panic",
         "sessions",
         "thread_limiter",
@@ -96,7 +98,10 @@ class ServerState:
         on_panic: Callable[[BaseException], None] | None = None,
         *,
         thread_limit: int = 16,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
+        """What the server counts, if anything (`Metrics`)."""
         self.panic: BaseException | None = None
         self.draining = False
         self.sessions: set[Session] = set()
@@ -113,6 +118,8 @@ class ServerState:
 
     def trip(self, exc: BaseException) -> None:
         """Record a panic (the first one counts) and tell the server."""
+        if self.metrics is not None:
+            self.metrics.panicked()
         if self.panic is None:
             self.panic = exc
             if self._on_panic is not None:
@@ -161,6 +168,8 @@ class ServerState:
 
     def stalled(self, session: Session, handler: AnyHandler, held: float) -> None:
         """A handler held the event loop ``held`` seconds: warn, at most once a minute each."""
+        if self.metrics is not None:
+            self.metrics.loop_stalled()
         name = handler.__qualname__
         now = time.monotonic()
         last, suppressed = self._stalls.get(name, (-STALL_REPORT_EVERY, 0))
@@ -177,10 +186,13 @@ class ServerState:
             name,
             held * 1000,
             more,
+            event="stall",
         )
 
     def timed_out(self, session: Session, handler: AnyHandler) -> None:
         """A handler ran past its deadline (already logged)."""
+        if self.metrics is not None:
+            self.metrics.handler_timed_out(handler.stage)
 
 
 class Session:
@@ -200,6 +212,7 @@ class Session:
         "handlers",
         "io",
         "limits",
+        "metrics",
         "milter",
         "negotiated",
         "nursery",
@@ -225,6 +238,7 @@ class Session:
         self.milter = milter
         self.handlers = milter.handlers
         self.state = state
+        self.metrics = state.metrics
         self.limits = limits
         self.stall_warning = limits.stall_warning
         self.connection_id = connection_id
@@ -282,14 +296,38 @@ class Session:
 
     # --- logging ------------------------------------------------------------------
 
-    def log(self, level: int, message: str, *args: object, exc_info: Any = None) -> None:
+    def log(
+        self,
+        level: int,
+        message: str,
+        *args: object,
+        event: str | None = None,
+        exc_info: Any = None,
+    ) -> None:
+        """Log about this connection: its id and queue id in front, and as fields.
+
+        ``event`` names what happened, for machines (``--log-format json``).
+        """
         if not log.isEnabledFor(level):
             return
-        queue_id = self.conn.macros.get(b"i")
-        prefix = f"[{self.connection_id}] "
-        if queue_id:
-            prefix += f"{queue_id.decode('ascii', 'replace')}: "
-        log.log(level, prefix + message, *args, exc_info=exc_info)
+        raw_id = self.conn.macros.get(b"i")
+        queue_id = raw_id.decode("ascii", "replace") if raw_id else None
+        text = message % args if args else message
+        prefix = f"[{self.connection_id}] {queue_id}: " if queue_id else f"[{self.connection_id}] "
+        log.log(
+            level,
+            "%s%s",
+            prefix,
+            text,
+            exc_info=exc_info,
+            extra={
+                "connection_id": self.connection_id,
+                "queue_id": queue_id,
+                "stage": self.stage.value,
+                "event": event,
+                "detail": text,
+            },
+        )
 
     # --- the loop -------------------------------------------------------------------
 
@@ -300,15 +338,27 @@ class Session:
                 while await self._serve():
                     pass
             if self.io.scope.cancelled_caught:
-                self.log(logging.WARNING, "%s; closing the connection", self.io.reason)
+                self.log(
+                    logging.WARNING,
+                    "%s; closing the connection",
+                    self.io.reason,
+                    event="io_timeout",
+                )
                 await self._connection_lost()
         except ConnectionEnded:
             await self._connection_lost()
         except RemoteProtocolError as exc:
-            self.log(logging.ERROR, "protocol error, closing the connection: %s", exc)
+            self.log(
+                logging.ERROR,
+                "protocol error, closing the connection: %s",
+                exc,
+                event="protocol_error",
+            )
+            if self.metrics is not None:
+                self.metrics.protocol_error()
             await self._connection_lost()
         except trio.BrokenResourceError as exc:
-            self.log(logging.WARNING, "connection broken: %s", exc)
+            self.log(logging.WARNING, "connection broken: %s", exc, event="connection_broken")
             await self._connection_lost()
         except trio.Cancelled:
             # Shutdown (grace over, or serve() cancelled): still run on_abort and
@@ -344,6 +394,7 @@ class Session:
                 call.hangup,
                 call.handler.__qualname__,
                 elapsed,
+                event="mta_hangup",
             )
             raise ConnectionEnded
         self.log(
@@ -354,6 +405,7 @@ class Session:
             call.timeout,
             elapsed,
             "answering TEMPFAIL" if self.conn.owed is not None else "going on",
+            event="handler_timeout",
         )
         self.state.timed_out(self, call.handler)
         owed = self.conn.owed
@@ -385,7 +437,11 @@ class Session:
             if stage is not None:
                 self.close_owed = True
                 if code == _MAIL and state.draining:
-                    self.log(logging.INFO, "shutting down: new message answered TEMPFAIL")
+                    self.log(
+                        logging.INFO,
+                        "shutting down: new message answered TEMPFAIL",
+                        event="drain_tempfail",
+                    )
                     await self._answer(Status.TEMPFAIL)
                     continue
                 await self._answer(await self._run(handlers.get(stage), stage, event))
@@ -410,9 +466,9 @@ class Session:
                 conn.buffered,
             )
         elif conn.in_message:
-            self.log(logging.WARNING, "the MTA closed the connection mid-message")
+            self.log(logging.WARNING, "the MTA closed the connection mid-message", event="eof")
         else:
-            self.log(logging.DEBUG, "the MTA closed the connection without QUIT")
+            self.log(logging.DEBUG, "the MTA closed the connection without QUIT", event="eof")
 
     # --- one command, one handler, one reply ------------------------------------------
 
@@ -436,6 +492,7 @@ class Session:
                 exc.reason,
                 handler.__qualname__,
                 "nothing to answer (NOREPLY stage)" if silent else "answering TEMPFAIL",
+                event="not_utf8",
             )
             return Status.NOREPLY if silent else Status.TEMPFAIL
         result = await call(self, handler, args)
@@ -459,6 +516,7 @@ class Session:
                 self.stage.value,
                 handler.__qualname__,
                 result.error,
+                event="handler_err",
             )
             return Status.TEMPFAIL
         self.log(
@@ -467,6 +525,7 @@ class Session:
             self.stage.value,
             handler.__qualname__,
             result,
+            event="invalid_status",
         )
         return Status.TEMPFAIL
 
@@ -485,10 +544,13 @@ class Session:
                     self.stage.value,
                     status.name,
                 )
+            if self.metrics is not None:
+                self.metrics.replied(self.stage, Status.NOREPLY, False)
             return
         if self.state.panic is not None:
             status = Status.TEMPFAIL  # after a panic nothing but TEMPFAIL is answered
         faked = status is Status.NOREPLY and self._faked_noreply(owed)
+        was_in_message = conn.in_message
         reply = reply_for(status, error_reply, faked_noreply=faked)
         try:
             if reply is None:
@@ -501,14 +563,19 @@ class Session:
                 self.stage.value,
                 status.name,
                 exc,
+                event="invalid_status",
             )
-            reply = TEMPFAIL
+            status, reply = Status.TEMPFAIL, TEMPFAIL
             data = conn.send(TEMPFAIL)
         if owed == _EOM and (status is Status.TEMPFAIL or reply is TEMPFAIL):
             self.writes.drop()  # the message fails: its changes are moot
         await self.writes.send(data)
         if not conn.in_message:
             self.ctx._end_message()
+            if self.metrics is not None:
+                self.metrics.replied(self.stage, status, was_in_message)
+        elif self.metrics is not None:
+            self.metrics.replied(self.stage, status, False)
 
     def _faked_noreply(self, owed: int) -> bool:
         negotiated = self.negotiated
@@ -536,7 +603,12 @@ class Session:
             else:
                 negotiated = await self._negotiate_with(handler, offer)
         except NegotiationError as exc:
-            self.log(logging.ERROR, "negotiation failed, closing the connection: %s", exc)
+            self.log(
+                logging.ERROR,
+                "negotiation failed, closing the connection: %s",
+                exc,
+                event="negotiation_failed",
+            )
             raise ConnectionEnded from None
         self.negotiated = negotiated
         self.actions = negotiated.actions
@@ -584,6 +656,8 @@ class Session:
 
     async def _abort(self) -> None:
         self.error_reply = None
+        if self.metrics is not None:
+            self.metrics.message_aborted()
         try:
             await self._call_ignored(Stage.ABORT)
         finally:
@@ -607,6 +681,8 @@ class Session:
         """
         with trio.CancelScope() as self.call_scope:
             if self.conn.in_message:
+                if self.metrics is not None:
+                    self.metrics.message_aborted()
                 await self._call_ignored(Stage.ABORT)
             await self._close(new_connection=False)
         call = self.slow_call
@@ -630,6 +706,7 @@ class Session:
             "a background task panicked; the milter shuts down: %r",
             exc,
             exc_info=exc,
+            event="panic",
         )
         self.state.trip(exc)
 
@@ -661,6 +738,9 @@ async def serve_connection(
         state = ServerState()
     if limits is None:
         limits = ServerOptions().limits_for(milter)
+    metrics = state.metrics
+    if metrics is not None:
+        metrics.connection_opened()
     try:
         async with trio.open_nursery() as nursery:
             session = Session(milter, stream, state, limits, connection_id, nursery)
@@ -683,6 +763,8 @@ async def serve_connection(
                     state.left_message(session)
                 nursery.cancel_scope.cancel()
     finally:
+        if metrics is not None:
+            metrics.connection_closed()
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await stream.aclose()
 

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket as stdsocket
 import sys
 from collections.abc import AsyncIterator
 from functools import partial
@@ -36,6 +37,7 @@ import trio
 from ._context import SocketFamily
 from ._options import ServerOptions
 from ._sockets import SocketSpec, describe_address, open_listener, parse_socket_spec
+from ._systemd import Notifier, child_environment
 
 log = logging.getLogger("triomilter")
 
@@ -44,20 +46,57 @@ EXIT_PANIC = 70
 EXIT_SIGNAL_BASE = 128
 
 
+@attrs.frozen
+class Workers:
+    """What every worker is started with (besides its sockets and the server options)."""
+
+    target: str
+    count: int
+    log_level: str
+    log_format: str = "text"
+    metrics: str | None = None
+    """The parent's ``--metrics`` spec; worker N serves on its port + N."""
+
+    def argv(self, n: int, fds: list[int], options: ServerOptions) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "triomilter",
+            "serve",
+            self.target,
+            "--socket",
+            "fd:" + ",".join(map(str, fds)),
+            "--log-level",
+            self.log_level,
+            "--log-format",
+            self.log_format,
+            *options.to_argv(),
+        ]
+        if self.metrics:
+            spec = parse_socket_spec(self.metrics)
+            argv += ["--metrics", str(attrs.evolve(spec, port=spec.port + n if spec.port else 0))]
+        return argv
+
+
 def run_workers(
-    target: str, socket: str, options: ServerOptions, count: int, log_level: str
+    workers: Workers, socket: str, inherited: list[int] | None, options: ServerOptions
 ) -> int:
-    """Run ``count`` workers on ``socket`` until they are all gone; the exit status."""
+    """Run the workers on ``socket`` (or ``inherited`` descriptors) until all are gone."""
     try:
-        return trio.run(partial(_supervise, target, socket, options, count, log_level))
+        return trio.run(partial(_supervise, workers, socket, inherited, options))
     except (ValueError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         return EXIT_START_FAILED
 
 
 async def _supervise(
-    target: str, socket: str, options: ServerOptions, count: int, log_level: str
+    workers: Workers, socket: str, inherited: list[int] | None, options: ServerOptions
 ) -> int:
+    if inherited is not None:
+        # systemd's (or a parent's) sockets: every worker accepts on all of them.
+        where = ", ".join(describe_address(_sockname(fd)) for fd in inherited)
+        plan = [(workers.argv(n, inherited, options), inherited) for n in range(workers.count)]
+        return await _Supervisor(plan).run(where)
     spec = parse_socket_spec(socket)
     tcp = spec.family is not SocketFamily.UNIX
     listeners: list[trio.SocketListener] = []
@@ -66,33 +105,24 @@ async def _supervise(
         if tcp:
             # The others join the first one's group, on the port it got.
             port = listeners[0].socket.getsockname()[1]
-            for _ in range(count - 1):
+            for _ in range(workers.count - 1):
                 listeners.append(await _open(attrs.evolve(spec, port=port), options, True))
         fds = [listener.socket.fileno() for listener in listeners]
-
-        def argv(fd: int) -> list[str]:
-            return [
-                sys.executable,
-                "-m",
-                "triomilter",
-                "serve",
-                target,
-                "--socket",
-                f"fd:{fd}",
-                "--log-level",
-                log_level,
-                *options.to_argv(),
-            ]
-
+        plan = []
+        for n in range(workers.count):
+            mine = [fds[n % len(fds)]]
+            plan.append((workers.argv(n, mine, options), mine))
         where = describe_address(listeners[0].socket.getsockname())
-        supervisor = _Supervisor(
-            [(argv(fds[n % len(fds)]), fds[n % len(fds)]) for n in range(count)]
-        )
-        return await supervisor.run(where)
+        return await _Supervisor(plan).run(where)
     finally:
         for listener in listeners:
             listener.socket.close()
         _unlink_ours(spec)
+
+
+def _sockname(fd: int) -> object:
+    with stdsocket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockname()
 
 
 async def _open(spec: SocketSpec, options: ServerOptions, reuse_port: bool) -> trio.SocketListener:
@@ -112,10 +142,11 @@ def _unlink_ours(spec: SocketSpec) -> None:
 
 
 class _Supervisor:
-    def __init__(self, workers: list[tuple[list[str], int]]) -> None:
+    def __init__(self, workers: list[tuple[list[str], list[int]]]) -> None:
         self.workers = workers
-        """Each worker's command line and the descriptor it is given."""
+        """Each worker's command line and the descriptors it is given."""
         self.count = len(workers)
+        self.notifier = Notifier.from_environment()
         self.procs: list[trio.Process] = []
         self.signals_forwarded = 0
         self.forced: int | None = None
@@ -125,15 +156,17 @@ class _Supervisor:
     async def run(self, where: str) -> int:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                for argv, fd in self.workers:
+                env = child_environment()  # systemd talks to us, not to them
+                for argv, fds in self.workers:
                     proc: trio.Process = await nursery.start(
                         partial(
                             trio.run_process,
                             argv,
-                            pass_fds=(fd,),
+                            pass_fds=tuple(fds),
                             start_new_session=True,
                             check=False,
                             stdin=None,
+                            env=env,
                         )
                     )
                     self.procs.append(proc)
@@ -146,6 +179,10 @@ class _Supervisor:
                 for proc in self.procs:
                     nursery.start_soon(self._watch, proc)
                 nursery.start_soon(self._forward, signals)
+                if self.notifier is not None:
+                    self.notifier.send("READY=1", f"STATUS={self.count} workers on {where}")
+                    if self.notifier.watchdog_interval:
+                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
                 await self._all_exited()
                 nursery.cancel_scope.cancel()
         return self._status()
@@ -167,8 +204,17 @@ class _Supervisor:
                 other.send_signal(signal.SIGTERM)
                 other.send_signal(signal.SIGINT)
 
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the supervisor's loop (each worker's own loop is its own)."""
+        assert self.notifier is not None
+        while True:
+            await trio.sleep(interval)
+            self.notifier.send("WATCHDOG=1")
+
     async def _forward(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
+            if not self.stopping and self.notifier is not None:
+                self.notifier.send("STOPPING=1", "STATUS=draining the workers")
             self.stopping = True
             forwarded = signal.SIGINT if self.signals_forwarded else signal.SIGTERM
             if self.signals_forwarded:
@@ -187,6 +233,9 @@ class _Supervisor:
             return EXIT_PANIC
         if self.forced is not None:
             return EXIT_SIGNAL_BASE + self.forced
-        if self.failed or any(code != 0 for code in codes):
+        # A worker still starting when the forwarded SIGTERM came has no handler
+        # for it yet and dies of it: it had nothing to drain either.
+        clean = {0, -signal.SIGTERM} if self.signals_forwarded else {0}
+        if self.failed or any(code not in clean for code in codes):
             return EXIT_START_FAILED
         return 0

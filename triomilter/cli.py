@@ -30,9 +30,12 @@ from typing import Any
 import trio
 
 from ._errors import ForcedShutdown, MilterPanic
+from ._logging import configure as configure_logging
+from ._metrics import Metrics
 from ._milter import Milter
 from ._options import ServerOptions
-from ._sockets import SocketSpecError, listener_from_fd, parse_socket_spec
+from ._sockets import SocketSpecError, listener_from_fd, open_listener, parse_socket_spec
+from ._systemd import SystemdError, listen_fds
 
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
@@ -165,9 +168,22 @@ def _parser() -> argparse.ArgumentParser:
         "--socket",
         "-s",
         required=True,
-        help="inet:PORT@HOST, inet6:PORT@HOST, unix:/path, or fd:N (an open listening socket)",
+        help="inet:PORT@HOST, inet6:PORT@HOST, unix:/path; systemd (the sockets of a "
+        ".socket unit); fd:N[,M...] (listening sockets inherited as descriptors)",
     )
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line (text)",
+    )
+    run.add_argument(
+        "--metrics",
+        metavar="SPEC",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics for inet:PORT@HOST "
+        "(needs 'triomilter[prometheus]'; with --workers, worker N uses PORT+N)",
+    )
     run.add_argument(
         "--workers", type=int, default=1, help="processes sharing the listening socket (1)"
     )
@@ -189,10 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(named, int):
         print(f"triomilter: unknown log level {args.log_level!r}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=named,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    configure_logging(named, getattr(args, "log_format", "text"))
     try:
         milter = load_milter(args.target)
     except LoadError as exc:
@@ -208,53 +221,83 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, milter: Milter[Any, Any]) -> int:
     try:
         options = _options(args)
-    except (TypeError, ValueError) as exc:
+        fds = _inherited_sockets(args.socket)
+        if fds is None:
+            parse_socket_spec(args.socket)  # a usage error, before anything starts
+        if args.metrics:
+            parse_socket_spec(args.metrics)
+    except (TypeError, ValueError, SystemdError) as exc:
         print(f"triomilter: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.workers < 1:
         print("triomilter: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    fd = _fd_spec(args.socket)
-    try:
-        if fd is None:
-            parse_socket_spec(args.socket)  # a usage error, before anything starts
-    except SocketSpecError as exc:
-        print(f"triomilter: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     if args.workers > 1:
-        from ._workers import run_workers
+        from ._workers import Workers, run_workers
 
-        return run_workers(args.target, args.socket, options, args.workers, args.log_level)
+        workers = Workers(args.target, args.workers, args.log_level, args.log_format, args.metrics)
+        return run_workers(workers, args.socket, fds, options)
     try:
-        if fd is not None:
-            trio.run(partial(_serve_fd, milter, fd, options))
-        else:
-            from ._server import serve
-
-            trio.run(partial(serve, milter, args.socket, options))
+        trio.run(partial(_run, milter, args.socket, fds, options, args.metrics))
     except MilterPanic as exc:
         log.critical("%s", exc)
         return EXIT_PANIC
     except ForcedShutdown as exc:
         return EXIT_SIGNAL_BASE + exc.signal
-    except (SocketSpecError, ValueError, OSError) as exc:
+    except (SocketSpecError, ValueError, OSError, RuntimeError) as exc:
         log.error("cannot serve: %s", exc)
         return EXIT_START_FAILED
     return 0
 
 
-def _fd_spec(socket: str) -> int | None:
-    """The descriptor of ``fd:N``, or None for any other spec."""
-    kind, sep, number = socket.partition(":")
-    if sep and kind.lower() == "fd" and number.isdigit():
-        return int(number)
-    return None
+def _inherited_sockets(socket: str) -> list[int] | None:
+    """The descriptors of ``systemd`` or ``fd:N[,M...]``, or None for a socket spec to open."""
+    if socket.strip().lower() == "systemd":
+        return [fd for fd, _ in listen_fds()]
+    kind, sep, numbers = socket.partition(":")
+    if not (sep and kind.lower() == "fd"):
+        return None
+    parts = numbers.split(",")
+    if not all(part.isdigit() for part in parts):
+        raise SocketSpecError(f"socket spec {socket!r}: use fd:N or fd:N,M,...")
+    return [int(part) for part in parts]
 
 
-async def _serve_fd(milter: Milter[Any, Any], fd: int, options: ServerOptions) -> None:
-    from ._server import serve_listener
+async def _run(
+    milter: Milter[Any, Any],
+    socket: str,
+    fds: list[int] | None,
+    options: ServerOptions,
+    metrics_spec: str | None,
+) -> None:
+    """Serve (and, with ``--metrics``, expose the metrics) until the server stops."""
+    from ._server import serve, serve_listener
 
-    await serve_listener(milter, listener_from_fd(fd), options)
+    metrics = Metrics() if metrics_spec else None
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        if metrics is not None and metrics_spec is not None:
+            from ._prometheus import serve_metrics
+
+            metrics_listener = await open_listener(parse_socket_spec(metrics_spec))
+            await nursery.start(serve_metrics, metrics, metrics_listener)
+            log.info("metrics at http://%s/metrics", _http_address(metrics_listener))
+        try:
+            if fds is not None:
+                listeners = [listener_from_fd(fd) for fd in fds]
+                await serve_listener(milter, listeners, options, metrics=metrics)
+            else:
+                await serve(milter, socket, options, metrics=metrics)
+        except Exception as exc:  # raised as itself below, not in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+def _http_address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _check(milter: Milter[Any, Any]) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 
 import trio
 
@@ -104,12 +103,15 @@ def main() -> None:
         default=20000,
         help="serve()'s cap on concurrent connections; the peers have none, and W5 holds 10,000",
     )
+    p.add_argument(
+        "--metrics", action="store_true", help="count everything in a triomilter.Metrics"
+    )
     a = p.parse_args()
     milter = eom_only_milter if a.eom_only else every_stage_milter
     family = "inet6" if ":" in a.host else "inet"
-    serve = triomilter.serve
-    if "max_connections" in inspect.signature(serve).parameters:
-        serve = functools.partial(serve, max_connections=a.max_connections)
+    serve = functools.partial(triomilter.serve, max_connections=a.max_connections)
+    if a.metrics:
+        serve = functools.partial(serve, metrics=triomilter.Metrics())
     trio.run(serve, milter, f"{family}:{a.port}@{a.host}")
 
 

@@ -201,8 +201,12 @@ class Spawner:
         self.procs: list[Proc] = []
 
     def __call__(self, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> Proc:
+        return self.program(sys.executable, *args, env=env, cwd=cwd)
+
+    def program(self, *argv: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> Proc:
+        """Start any program (``argv[0]`` looked up on PATH)."""
         log_path = self.tmp_path / f"proc{len(self.procs)}.log"
-        proc = Proc([sys.executable, *args], log_path, cwd, env)
+        proc = Proc(list(argv), log_path, cwd, env)
         self.procs.append(proc)
         return proc
 
