@@ -57,8 +57,19 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
-    """Put the command line's help where a page asks for it."""
-    return _HELP.sub(lambda match: _help_block(match.group(1)), markdown)
+    """Put the command line's help where a page asks for it; unescape pipes in table code."""
+    markdown = _HELP.sub(lambda match: _help_block(match.group(1)), markdown)
+    return _TABLE_ROW.sub(_unescape_pipes, markdown)
+
+
+# GitHub needs `a \| b` for a pipe in the code of a table cell and shows it as
+# `a | b`; Python-Markdown shows the backslash, and needs no escape there.
+_TABLE_ROW = re.compile(r"^\|.*$", re.M)
+_CODE = re.compile(r"`[^`]*`")
+
+
+def _unescape_pipes(row: re.Match[str]) -> str:
+    return _CODE.sub(lambda code: code.group(0).replace("\\|", "|"), row.group(0))
 
 
 def _help_block(command: str) -> str:
