@@ -25,7 +25,11 @@ class InvalidArgument(MilterError, ValueError):
 
 
 class MacroDecodeError(MilterError):
-    """A macro value is not UTF-8; use ``ctx.api.macro_bytes`` for raw bytes."""
+    """Not raised any more: kept so that code catching it still imports.
+
+    ``ctx.api.macro_value`` never fails; bytes that are not UTF-8 become
+    U+FFFD. ``ctx.api.macro_bytes`` gives the exact bytes.
+    """
 
 
 class ConnectionLost(MilterError):

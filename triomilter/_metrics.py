@@ -105,10 +105,12 @@ class Metrics:
     # --- called by the server and the dispatcher --------------------------------
 
     def connection_opened(self) -> None:
+        """An MTA connection was accepted and is now served."""
         self.connections_open += 1
         self.connections_total += 1
 
     def connection_closed(self) -> None:
+        """An MTA connection ended."""
         self.connections_open -= 1
 
     def replied(self, stage: Stage, status: Status, ends_message: bool) -> None:
@@ -118,6 +120,7 @@ class Metrics:
             self.messages[_VERDICT_OF_STATUS.get(status, "tempfailed")] += 1
 
     def handler_ran(self, stage: Stage, seconds: float) -> None:
+        """A handler of ``stage`` ran for ``seconds`` (into ``handler_seconds``)."""
         histogram = self.handler_seconds.get(stage)
         if histogram is None:
             histogram = self.handler_seconds[stage] = Histogram()
@@ -126,21 +129,27 @@ class Metrics:
         histogram.sum += seconds
 
     def message_aborted(self) -> None:
+        """An open message was abandoned: ABORT, or the connection ended mid-message."""
         self.messages["aborted"] += 1
 
     def handler_timed_out(self, stage: Stage) -> None:
+        """A handler of ``stage`` was cancelled at its deadline."""
         self.handler_timeouts[stage] += 1
 
     def panicked(self) -> None:
+        """A handler or a background task panicked."""
         self.panics += 1
 
     def protocol_error(self) -> None:
+        """A connection was closed for a protocol error."""
         self.protocol_errors += 1
 
     def connection_limit_hit(self) -> None:
+        """A connection over ``max_connections`` was answered TEMPFAIL at once."""
         self.connection_limit_hits += 1
 
     def loop_stalled(self) -> None:
+        """A handler call held the event loop longer than ``stall_warning``."""
         self.loop_stalls += 1
 
     # --- reading -----------------------------------------------------------------------
@@ -155,4 +164,5 @@ class Metrics:
 
     @property
     def messages_total(self) -> int:
+        """Messages ended so far, however they ended."""
         return sum(self.messages.values())

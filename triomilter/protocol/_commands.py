@@ -36,6 +36,7 @@ class OptionNegotiation:
     opts: ProtocolOpts
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter."""
         return packet(
             self.code, pack_u32(self.version) + pack_u32(self.actions) + pack_u32(self.opts)
         )
@@ -50,6 +51,10 @@ class DefineMacros:
     macros: tuple[tuple[bytes, bytes], ...] = ()
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         data = bytearray((self.stage,))
         for name, value in self.macros:
             data += check_string(name, "macro name") + b"\0"
@@ -72,6 +77,10 @@ class Connect:
     address: bytes = b""
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         data = check_string(self.hostname, "hostname") + b"\0" + bytes((self.family,))
         if self.family != AddressFamily.UNKNOWN:
             data += pack_u16(self.port) + check_string(self.address, "address") + b"\0"
@@ -86,6 +95,10 @@ class Helo:
     hostname: bytes
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, check_string(self.hostname, "helo name") + b"\0")
 
 
@@ -101,6 +114,10 @@ class Mail:
     args: tuple[bytes, ...]
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return _encode_args(self.code, self.args)
 
 
@@ -112,6 +129,10 @@ class Rcpt:
     args: tuple[bytes, ...]
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return _encode_args(self.code, self.args)
 
 
@@ -122,6 +143,7 @@ class Data:
     code: ClassVar[int] = CommandCode.DATA
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code), ready to send to a milter."""
         return _DATA_WIRE
 
 
@@ -134,6 +156,10 @@ class Header:
     value: bytes
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(
             self.code,
             check_string(self.name, "header name")
@@ -150,6 +176,7 @@ class EndOfHeaders:
     code: ClassVar[int] = CommandCode.EOH
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code), ready to send to a milter."""
         return _EOH_WIRE
 
 
@@ -161,6 +188,7 @@ class Body:
     chunk: bytes
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter."""
         return packet(self.code, self.chunk)
 
 
@@ -172,6 +200,7 @@ class EndOfMessage:
     chunk: bytes = b""
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter."""
         return packet(self.code, self.chunk)
 
 
@@ -182,6 +211,7 @@ class Abort:
     code: ClassVar[int] = CommandCode.ABORT
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code), ready to send to a milter."""
         return _ABORT_WIRE
 
 
@@ -192,6 +222,7 @@ class Quit:
     code: ClassVar[int] = CommandCode.QUIT
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code), ready to send to a milter."""
         return _QUIT_WIRE
 
 
@@ -202,6 +233,7 @@ class QuitNewConnection:
     code: ClassVar[int] = CommandCode.QUIT_NC
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code), ready to send to a milter."""
         return _QUIT_NC_WIRE
 
 
@@ -213,6 +245,10 @@ class Unknown:
     command: bytes
 
     def encode(self) -> bytes:
+        """This command as one packet (length, code, payload), ready to send to a milter.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, check_string(self.command, "command") + b"\0")
 
 
@@ -223,10 +259,15 @@ _QUIT_WIRE = packet(CommandCode.QUIT)
 _QUIT_NC_WIRE = packet(CommandCode.QUIT_NC)
 
 DATA = Data()
+"""The `Data` command (it has no fields: one instance serves)."""
 END_OF_HEADERS = EndOfHeaders()
+"""The `EndOfHeaders` command."""
 ABORT = Abort()
+"""The `Abort` command."""
 QUIT = Quit()
+"""The `Quit` command."""
 QUIT_NEW_CONNECTION = QuitNewConnection()
+"""The `QuitNewConnection` command."""
 
 Command = (
     OptionNegotiation
@@ -245,6 +286,8 @@ Command = (
     | QuitNewConnection
     | Unknown
 )
+"""Any command an MTA sends: what `MilterConnection.next_event` returns and
+`MtaConnection.send` takes."""
 
 
 # --- decoding (milter role) -------------------------------------------------

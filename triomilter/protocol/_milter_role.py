@@ -75,6 +75,7 @@ class MilterConnection:
 
     @property
     def state(self) -> State:
+        """Where the session is (`State.ERROR` after a protocol error, which is final)."""
         return self._session.state
 
     @property
@@ -94,11 +95,13 @@ class MilterConnection:
 
     @property
     def max_data_size(self) -> int:
+        """The largest packet accepted, in data bytes; a larger one is a protocol error."""
         return self._reader.max_data_size
 
     # --- receiving -----------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray) -> None:
+        """Add bytes received from the MTA; `next_event` then returns the commands in them."""
         self._reader.feed(data)
 
     def next_event(self) -> Command | NeedData:

@@ -49,10 +49,12 @@ class MtaConnection:
 
     @property
     def state(self) -> State:
+        """Where the session is (`State.ERROR` after a protocol error, which is final)."""
         return self._session.state
 
     @property
     def in_message(self) -> bool:
+        """Whether a message is open (between MAIL and its end)."""
         return self._session.in_message
 
     def is_disabled(self, code: int) -> bool:
@@ -100,6 +102,7 @@ class MtaConnection:
         return wire
 
     def receive_data(self, data: bytes | bytearray) -> None:
+        """Add bytes received from the milter; `next_event` then returns the replies in them."""
         self._reader.feed(data)
 
     def next_event(self) -> Reply | NeedData:

@@ -66,6 +66,7 @@ class Negotiated:
     faked_noreply: ProtocolOpts = ProtocolOpts.NONE
 
     def reply(self) -> OptionNegotiationReply:
+        """The milter's ``O`` reply that states this agreement (macro lists by stage number)."""
         return OptionNegotiationReply(
             self.version, self.actions, self.opts, tuple(sorted(self.macros.items()))
         )

@@ -36,6 +36,10 @@ class OptionNegotiationReply:
     macros: tuple[tuple[MacroStage, bytes], ...] = ()
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         data = pack_u32(self.version) + pack_u32(self.actions) + pack_u32(self.opts)
         for stage, names in self.macros:
             data += pack_u32(stage) + check_string(names, "macro list") + b"\0"
@@ -50,6 +54,7 @@ class _Simple:
     _wire: ClassVar[bytes]
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code), ready to send to an MTA."""
         return self._wire
 
     def __repr__(self) -> str:
@@ -127,13 +132,21 @@ class Shutdown(_Simple):
 
 
 CONTINUE = Continue()
+"""The `Continue` reply (replies without data need one instance each)."""
 ACCEPT = Accept()
+"""The `Accept` reply."""
 REJECT = Reject()
+"""The `Reject` reply."""
 TEMPFAIL = Tempfail()
+"""The `Tempfail` reply."""
 DISCARD = Discard()
+"""The `Discard` reply."""
 SKIP = Skip()
+"""The `Skip` reply."""
 PROGRESS = Progress()
+"""The `Progress` reply."""
 SHUTDOWN = Shutdown()
+"""The `Shutdown` reply."""
 
 
 @attrs.frozen
@@ -144,6 +157,10 @@ class ReplyWithCode:
     text: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, check_string(self.text, "reply text") + b"\0")
 
     @property
@@ -160,6 +177,10 @@ class Quarantine:
     reason: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, check_string(self.reason, "quarantine reason") + b"\0")
 
 
@@ -172,6 +193,10 @@ class AddHeader:
     value: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, _name_value(self.name, self.value))
 
 
@@ -185,6 +210,10 @@ class InsertHeader:
     value: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, pack_u32(self.index) + _name_value(self.name, self.value))
 
 
@@ -198,6 +227,10 @@ class ChangeHeader:
     value: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, pack_u32(self.index) + _name_value(self.name, self.value))
 
 
@@ -209,6 +242,10 @@ class AddRecipient:
     rcpt: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, check_string(self.rcpt, "recipient") + b"\0")
 
 
@@ -221,6 +258,10 @@ class AddRecipientExt:
     args: bytes | None = None
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, _with_args(self.rcpt, self.args, "recipient"))
 
 
@@ -232,6 +273,10 @@ class DeleteRecipient:
     rcpt: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, check_string(self.rcpt, "recipient") + b"\0")
 
 
@@ -244,6 +289,10 @@ class ChangeSender:
     args: bytes | None = None
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA.
+
+        Raises `ValueError` if a string to be sent NUL-terminated contains a NUL byte.
+        """
         return packet(self.code, _with_args(self.sender, self.args, "sender"))
 
 
@@ -255,6 +304,7 @@ class ReplaceBody:
     chunk: bytes
 
     def encode(self) -> bytes:
+        """This reply as one packet (length, code, payload), ready to send to an MTA."""
         return packet(self.code, self.chunk)
 
 
@@ -290,6 +340,8 @@ Reply = (
     | ChangeSender
     | ReplaceBody
 )
+"""Any reply a milter sends: what `MilterConnection.send` takes and
+`MtaConnection.next_event` returns."""
 
 Modification = (
     Quarantine

@@ -91,11 +91,13 @@ Macros: TypeAlias = Mapping[str, Text] | Mapping[bytes, Text]
 """Macro values by name: ``{"i": "4AB12", "{auth_authen}": "alice"}``."""
 
 POSTFIX_VERSION = 6
+"""What Postfix 3.x (``milter_protocol = 6``, the default) offers: protocol version 6."""
 POSTFIX_ACTIONS = ALL_ACTIONS
 """What Postfix 3.x offers: every action (as Sendmail 8.14+ does)."""
 POSTFIX_OPTS = ALL_PROTOCOL_OPTS
 """What Postfix 3.x offers: every protocol step of version 6."""
 DEFAULT_TIMEOUT = 10.0
+"""Seconds each step may take before `MilterTimeout`, unless an opener is given ``timeout=``."""
 
 _RECEIVE_SIZE = 256 * 1024
 
@@ -169,10 +171,12 @@ class MilterClient:
 
     @property
     def negotiated_actions(self) -> Actions:
+        """The actions the milter asked for (and this client granted)."""
         return self.negotiated.actions
 
     @property
     def negotiated_opts(self) -> ProtocolOpts:
+        """The protocol steps the milter asked for (and this client granted)."""
         return self.negotiated.opts
 
     @property
@@ -211,6 +215,7 @@ class MilterClient:
         return await self._step(Rcpt((_bytes(recipient), *map(_bytes, esmtp_args))), macros)
 
     async def data(self, *, macros: Macros | None = None) -> StepReply:
+        """DATA: the message's content follows."""
         return await self._step(DATA, macros)
 
     async def header(self, name: Text, value: Text, *, macros: Macros | None = None) -> StepReply:
@@ -223,6 +228,7 @@ class MilterClient:
         return await self._step(Header(_bytes(name), _bytes(value)), macros)
 
     async def eoh(self, *, macros: Macros | None = None) -> StepReply:
+        """End of headers."""
         return await self._step(END_OF_HEADERS, macros)
 
     async def body(self, chunk: Text, *, macros: Macros | None = None) -> StepReply:

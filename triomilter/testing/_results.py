@@ -237,6 +237,7 @@ class EomReply(StepReply):
         return None
 
     def has_added_header(self, name: Matcher, value: Matcher = ANY) -> bool:
+        """Whether an `AddHeader` matches ``name`` (any case) and ``value``."""
         return any(
             isinstance(c, AddHeader) and _header(c, name) and match_text(value, c.value)
             for c in self.modifications
@@ -245,6 +246,7 @@ class EomReply(StepReply):
     def has_inserted_header(
         self, name: Matcher, value: Matcher = ANY, *, index: IndexMatcher = ANY
     ) -> bool:
+        """Whether an `InsertHeader` matches ``name`` (any case), ``value`` and ``index``."""
         return any(
             isinstance(c, InsertHeader)
             and _header(c, name)
@@ -256,7 +258,10 @@ class EomReply(StepReply):
     def has_replaced_header(
         self, name: Matcher, value: Matcher | None = ANY, *, index: IndexMatcher = ANY
     ) -> bool:
-        """``value=None`` matches only a deletion (``replace_header(name, index, None)``)."""
+        """Whether a `ReplaceHeader` matches ``name`` (any case), ``value`` and ``index``.
+
+        ``value=None`` matches only a deletion (``replace_header(name, index, None)``).
+        """
         return any(
             isinstance(c, ReplaceHeader)
             and _header(c, name)
@@ -266,7 +271,10 @@ class EomReply(StepReply):
         )
 
     def has_added_recipient(self, rcpt: Matcher, esmtp_args: Matcher | None = ANY) -> bool:
-        """``esmtp_args=None`` matches only a recipient added without ESMTP arguments."""
+        """Whether an `AddRecipient` matches ``rcpt`` and ``esmtp_args``.
+
+        ``esmtp_args=None`` matches only a recipient added without ESMTP arguments.
+        """
         return any(
             isinstance(c, AddRecipient)
             and match_text(rcpt, c.rcpt)
@@ -275,12 +283,16 @@ class EomReply(StepReply):
         )
 
     def has_removed_recipient(self, rcpt: Matcher) -> bool:
+        """Whether a `RemoveRecipient` matches ``rcpt``."""
         return any(
             isinstance(c, RemoveRecipient) and match_text(rcpt, c.rcpt) for c in self.modifications
         )
 
     def has_replaced_sender(self, sender: Matcher, esmtp_args: Matcher | None = ANY) -> bool:
-        """``esmtp_args=None`` matches only a sender replaced without ESMTP arguments."""
+        """Whether a `ReplaceSender` matches ``sender`` and ``esmtp_args``.
+
+        ``esmtp_args=None`` matches only a sender replaced without ESMTP arguments.
+        """
         return any(
             isinstance(c, ReplaceSender)
             and match_text(sender, c.sender)
@@ -289,11 +301,13 @@ class EomReply(StepReply):
         )
 
     def has_replaced_body(self, body: BodyMatcher = ANY) -> bool:
+        """Whether the body was replaced with one matching ``body`` (see `BodyMatcher`)."""
         return any(
             isinstance(c, ReplaceBody) and match_body(body, c.body) for c in self.modifications
         )
 
     def has_quarantine(self, reason: Matcher = ANY) -> bool:
+        """Whether a `Quarantine` matches ``reason``."""
         return any(
             isinstance(c, Quarantine) and match_text(reason, c.reason) for c in self.modifications
         )

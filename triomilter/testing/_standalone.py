@@ -113,6 +113,7 @@ class HandlerContext(Generic[D, M]):
 
     @property
     def stage(self) -> Stage:
+        """The stage the handler runs in (``ctx.stage``); settable between calls."""
         return self._recorder.stage
 
     @stage.setter
