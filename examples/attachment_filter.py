@@ -422,6 +422,8 @@ async def eom(ctx: Context[None, Spool]) -> Result[Status]:
         if spool.oversized:
             verdict = oversized()
         else:
+            # A cancellation (the end-of-message deadline, a shutdown) waits for
+            # a parse under way: the spool is closed only once no thread reads it.
             verdict = await trio.to_thread.run_sync(check_spool, spool, limiter=PARSERS)
     finally:
         spool.close()
@@ -433,6 +435,7 @@ async def eom(ctx: Context[None, Spool]) -> Result[Status]:
 
 
 def oversized() -> Verdict:
+    """What to do with a message over MAX_MESSAGE (OVERSIZED)."""
     if OVERSIZED == "reject":
         text = f"Message too large to be checked for attachments ({MAX_MESSAGE} bytes at most)"
         return Verdict(refusal=("552", "5.3.4", text))
