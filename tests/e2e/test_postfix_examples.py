@@ -1,4 +1,5 @@
-"""The four examples, each run by the command line behind a real Postfix."""
+"""The examples, each run by the command line behind a real Postfix (the
+attachment filter's strip mode in a thread: it is a module setting)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from ._milter_runner import CliMilter, header_values, notify_flags, postcat, split_first_header
+from . import attachments
+from ._milter_runner import (
+    CliMilter,
+    header_values,
+    notify_flags,
+    postcat,
+    split_first_header,
+    use_milter,
+)
 from .capture import CaptureServer
 from .postfix import PrivatePostfix
 
@@ -122,3 +131,33 @@ def test_async_lookup(postfix: PrivatePostfix, capture: CaptureServer, example: 
     (msg,) = capture.wait_for(1)
     _, rest = split_first_header(msg.data)
     assert rest == b"Subject: lookup\r\nX-Client-Reputation: trusted (loopback)\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("example", ["attachment_filter"], indirect=True)
+def test_attachment_filter(
+    postfix: PrivatePostfix, capture: CaptureServer, example: CliMilter
+) -> None:
+    clean, dangerous = attachments.clean_mail(), attachments.dangerous_mail()
+    single = attachments.single_part_mail()
+    arrived = attachments.send_each(postfix.smtp(timeout=60), capture, [clean, dangerous, single])
+    # Clean: byte for byte as sent, but for the one header.
+    assert arrived[0] == attachments.with_header(clean, b"clean")
+    # The executable renamed in a new body of many packets; the rest as sent.
+    attachments.check_renamed(dangerous, arrived[1])
+    # A message that is the executable: its headers replaced (Postfix finds
+    # "content-type" by any case), the sender's X-Attachment-Filter deleted,
+    # the body unchanged.
+    attachments.check_single_part_renamed(arrived[2])
+    assert arrived[2].partition(b"\r\n\r\n")[2] == single.partition(b"\r\n\r\n")[2]
+
+
+def test_attachment_filter_strip(
+    postfix: PrivatePostfix, capture: CaptureServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attachment_filter = attachments.load_attachment_filter()
+    monkeypatch.setattr(attachment_filter, "ACTION", "strip")
+    forwarded, single = attachments.forwarded_mail(), attachments.single_part_mail()
+    with use_milter(postfix, attachment_filter.milter):
+        arrived = attachments.send_each(postfix.smtp(timeout=60), capture, [forwarded, single])
+    attachments.check_stripped(forwarded, arrived[0])
+    attachments.check_single_part_stripped(arrived[1])

@@ -1,4 +1,4 @@
-"""The four examples, each run by the command line behind a real Sendmail
+"""The examples, each run by the command line behind a real Sendmail
 (the Sendmail counterpart of test_postfix_examples.py)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from . import attachments
 from ._milter_runner import CliMilter, header_values, split_first_header
 from .capture import CaptureServer
 from .sendmail import PrivateSendmail
@@ -132,3 +133,16 @@ def test_async_lookup(
     (msg,) = capture.wait_for(1)
     _, rest = split_first_header(msg.data)
     assert rest == b"Subject: lookup\r\nX-Client-Reputation: trusted (loopback)\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("example", ["attachment_filter"], indirect=True)
+def test_attachment_filter(
+    sendmail: PrivateSendmail, capture: CaptureServer, example: CliMilter
+) -> None:
+    clean, dangerous = attachments.clean_mail(), attachments.dangerous_mail()
+    single = attachments.single_part_mail()
+    arrived = attachments.send_each(sendmail.smtp(timeout=60), capture, [clean, dangerous, single])
+    assert arrived[0] == attachments.with_header(clean, b"clean")
+    attachments.check_renamed(dangerous, arrived[1])
+    attachments.check_single_part_renamed(arrived[2])
+    assert arrived[2].partition(b"\r\n\r\n")[2] == single.partition(b"\r\n\r\n")[2]

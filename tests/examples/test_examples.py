@@ -1,4 +1,5 @@
-"""The four examples, tested in memory with triomilter.testing as the README teaches.
+"""The four small examples, tested in memory with triomilter.testing as the README teaches
+(the attachment filter has a file of its own: test_attachment_filter.py).
 
 Each example module defines ``milter``; a ``milter`` fixture hands it to the
 toolkit's ``milter_client`` fixture (a negotiated in-memory session), and
