@@ -102,6 +102,15 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
 _DONE: Any = object()
 
 
+def _what_follows(session: Session) -> str:
+    """How a failed call is answered, for the log line."""
+    if session.conn.owed is not None:
+        return "answering TEMPFAIL"
+    if session.stage in (Stage.ABORT, Stage.CLOSE):
+        return "going on"
+    return "TEMPFAIL at the next reply instead (this stage answers nothing)"
+
+
 def _ran(session: Session, handler: AnyHandler, held: float, done: bool) -> None:
     """A handler held the event loop ``held`` seconds (``done``: and returned)."""
     if held > session.stall_warning:
@@ -126,10 +135,11 @@ def _unexpected(session: Session, handler: AnyHandler, exc: BaseException) -> ob
     if session.milter.on_exception == "tempfail":
         session.log(
             logging.ERROR,
-            "%s: handler %s raised %r; answering TEMPFAIL (on_exception='tempfail')",
+            "%s: handler %s raised %r; %s (on_exception='tempfail')",
             session.stage.value,
             handler.__qualname__,
             exc,
+            _what_follows(session),
             exc_info=exc,
             event="handler_exception",
         )

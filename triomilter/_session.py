@@ -65,6 +65,11 @@ STALL_REPORT_EVERY = 60.0
 
 _MAIL = int(CommandCode.MAIL)
 _EOM = int(CommandCode.EOM)
+_LATER = "TEMPFAIL at the next reply instead (this stage answers nothing)"
+_REFUSALS = frozenset({Status.REJECT, Status.TEMPFAIL, Status.DISCARD})
+_GOING_ON = frozenset({Status.CONTINUE, Status.ACCEPT, Status.SKIP, Status.NOREPLY})
+# A failure here spoils every message of the connection, not only the next.
+_CONNECTION_STAGES = frozenset({Stage.CONNECT, Stage.HELO})
 
 
 class ServerState:
@@ -213,6 +218,7 @@ class Session:
         "handlers",
         "io",
         "limits",
+        "lost",
         "metrics",
         "milter",
         "negotiated",
@@ -260,6 +266,8 @@ class Session:
         self.call_scope = trio.CancelScope()
         """Every handler call runs inside it; a call that waits gives it its deadline."""
         self.slow_call: SlowCall | None = None
+        self.lost: Stage | None = None
+        """A stage that answers nothing failed: what it could not refuse, a later reply must."""
         self.ended = False
         self.ctx.data = self._new_connection_data()  # last: a failing factory logs with all set
 
@@ -406,11 +414,18 @@ class Session:
             call.handler.__qualname__,
             call.timeout,
             elapsed,
-            "answering TEMPFAIL" if self.conn.owed is not None else "going on",
+            "answering TEMPFAIL"
+            if self.conn.owed is not None
+            else "going on"
+            if call.stage in (Stage.ABORT, Stage.CLOSE)
+            else _LATER,
             event="handler_timeout",
         )
         self.state.timed_out(self, call.handler)
         owed = self.conn.owed
+        if owed is None and call.stage not in (Stage.ABORT, Stage.CLOSE):
+            self.stage = call.stage
+            self._failure(True)
         if owed == CommandCode.OPTNEG:
             raise ConnectionEnded  # nothing to answer a negotiation with but the negotiation
         if owed is not None:
@@ -493,20 +508,30 @@ class Session:
                 stage.value,
                 exc.reason,
                 handler.__qualname__,
-                "nothing to answer (NOREPLY stage)" if silent else "answering TEMPFAIL",
+                _LATER if silent else "answering TEMPFAIL",
                 event="not_utf8",
             )
-            return Status.NOREPLY if silent else Status.TEMPFAIL
+            return self._failure(silent)
         result = await call(self, handler, args)
         if type(result) is Status:
             return result
         return self._status_of(handler, result, silent)
 
+    def _failure(self, silent: bool) -> Status:
+        """A handler failed: TEMPFAIL now or, where nothing is answered, at the next reply."""
+        if not silent:
+            return Status.TEMPFAIL
+        if self.lost is None:
+            self.lost = self.stage
+        return Status.NOREPLY
+
     def _status_of(self, handler: AnyHandler, result: object, silent: bool) -> Status:
         if result is None and handler.returns is Returns.NONE:
             return Status.NOREPLY if silent else Status.CONTINUE
-        if result is PANICKED or result is FAILED:
-            return Status.NOREPLY if silent else Status.TEMPFAIL  # nothing to say: say nothing
+        if result is FAILED:
+            return self._failure(silent)
+        if result is PANICKED:
+            return Status.NOREPLY if silent else Status.TEMPFAIL
         if isinstance(result, Ok):
             if type(result.value) is Status:
                 return result.value
@@ -514,13 +539,14 @@ class Session:
         elif isinstance(result, Err):
             self.log(
                 logging.WARNING,
-                "%s: handler %s returned Err(%s); answering TEMPFAIL",
+                "%s: handler %s returned Err(%s); %s",
                 self.stage.value,
                 handler.__qualname__,
                 result.error,
+                _LATER if silent else "answering TEMPFAIL",
                 event="handler_err",
             )
-            return Status.NOREPLY if silent else Status.TEMPFAIL
+            return self._failure(silent)
         self.log(
             logging.ERROR,
             "%s: handler %s returned %r, not a Status; answering TEMPFAIL",
@@ -538,19 +564,12 @@ class Session:
         error_reply = self.error_reply
         self.error_reply = None
         if owed is None:
-            if status is not Status.NOREPLY:
-                self.log(
-                    logging.ERROR,
-                    "%s: handler returned %s, but this stage negotiated no reply "
-                    "(NOREPLY); nothing sent",
-                    self.stage.value,
-                    status.name,
-                )
-            if self.metrics is not None:
-                self.metrics.replied(self.stage, Status.NOREPLY, False)
+            self._unanswered(status)
             return
         if self.state.panic is not None:
             status = Status.TEMPFAIL  # after a panic nothing but TEMPFAIL is answered
+        elif self.lost is not None:
+            status = self._after_lost(status)
         metrics = self.metrics
         was_in_message = metrics is not None and conn.in_message
         reply = reply_for(
@@ -580,10 +599,47 @@ class Session:
             await writes.send(data)
         else:
             await self.transport.send(data)  # the common case: nothing to write before it
-        if self.ctx._message is not None and not conn.in_message:
-            self.ctx._end_message()
+        if not conn.in_message:
+            if self.ctx._message is not None:
+                self.ctx._end_message()
+            if self.lost is not None and self.lost not in _CONNECTION_STAGES:
+                self.lost = None
         if metrics is not None:
             metrics.replied(self.stage, status, was_in_message and not conn.in_message)
+
+    def _unanswered(self, status: Status) -> None:
+        """``status`` in a stage that negotiated no reply: nothing is sent."""
+        if status is not Status.NOREPLY:
+            refused = status in _REFUSALS
+            self.log(
+                logging.ERROR,
+                "%s: handler returned %s, but this stage negotiated no reply "
+                "(NOREPLY); nothing sent%s",
+                self.stage.value,
+                status.name,
+                "; " + _LATER if refused else "",
+            )
+            if refused:
+                self._failure(True)
+        if self.metrics is not None:
+            self.metrics.replied(self.stage, Status.NOREPLY, False)
+
+    def _after_lost(self, status: Status) -> Status:
+        """``status`` for a reply owed after a stage that answers nothing failed."""
+        if status not in _GOING_ON:
+            return status  # the handler refused anyway
+        lost = self.lost
+        assert lost is not None
+        self.log(
+            logging.WARNING,
+            "%s: answering TEMPFAIL instead of %s: handler for %s failed and "
+            "that stage answers nothing",
+            self.stage.value,
+            status.name,
+            lost.value,
+            event="tempfail_for_earlier",
+        )
+        return Status.TEMPFAIL
 
     def _faked_noreply(self, owed: int) -> bool:
         negotiated = self.negotiated
@@ -664,6 +720,8 @@ class Session:
 
     async def _abort(self) -> None:
         self.error_reply = None
+        if self.lost not in _CONNECTION_STAGES:
+            self.lost = None  # the message it failed is gone
         if self.metrics is not None:
             self.metrics.message_aborted()
         try:
@@ -681,6 +739,7 @@ class Session:
             self.ctx._end_message()
             self.ctx.data = self._new_connection_data() if new_connection else None
             self.error_reply = None
+            self.lost = None
 
     async def _connection_lost(self) -> None:
         """The connection ended without QUIT: abort and close like libmilter.
