@@ -28,9 +28,10 @@ How it works, and why:
 - **Spooling.** Header fields and body chunks go to a
   ``tempfile.SpooledTemporaryFile`` per message (``Milter(message_data=Spool)``):
   in memory up to ``SPOOL_IN_MEMORY`` bytes, then in an anonymous file in
-  ``SPOOL_DIR`` (unlinked when made: no name is ever left behind). It is closed
-  at end of message and in ``on_abort``, which the framework also calls when the
-  client or the MTA hangs up mid-message (so ``on_close`` has nothing to do).
+  ``SPOOL_DIR`` (unlinked when made: no name is ever left behind). ``Spool``
+  is a context manager, so the framework closes it however the message ends
+  (end of message, a decision, an abort, a hang-up, a shutdown): no handler
+  has to catch every path.
   A failing spool (disk full) makes the message TEMPFAIL at its end: parsing
   the part that was stored could only drop the rest.
 - **Size cap.** Past ``MAX_MESSAGE`` bytes the spool is dropped at once and
@@ -88,7 +89,6 @@ from triomilter import (
     Ok,
     Result,
     Status,
-    on_abort,
     on_body,
     on_eoh,
     on_eom,
@@ -175,8 +175,11 @@ class Spool:
         self.file.seek(0)
         return self.file.read()
 
-    def close(self) -> None:
-        self.file.close()
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()  # the framework's call, when the message's data is dropped
 
 
 # --- the check: plain functions, no milter in sight ------------------------------------------
@@ -407,26 +410,17 @@ async def body(ctx: Context[None, Spool], chunk: bytes) -> None:
     ctx.message_data.write(chunk)
 
 
-@on_abort
-async def abort(ctx: Context[None, Spool]) -> None:
-    # The message ends here: its spool goes (made now if the message had none yet).
-    ctx.message_data.close()
-
-
 @on_eom
 async def eom(ctx: Context[None, Spool]) -> Result[Status]:
     spool = ctx.message_data
-    try:
-        if spool.error is not None:
-            return Err(f"spooling the message failed: {spool.error}")  # TEMPFAIL
-        if spool.oversized:
-            verdict = oversized()
-        else:
-            # A cancellation (the end-of-message deadline, a shutdown) waits for
-            # a parse under way: the spool is closed only once no thread reads it.
-            verdict = await trio.to_thread.run_sync(check_spool, spool, limiter=PARSERS)
-    finally:
-        spool.close()
+    if spool.error is not None:
+        return Err(f"spooling the message failed: {spool.error}")  # TEMPFAIL
+    if spool.oversized:
+        verdict = oversized()
+    else:
+        # A cancellation (the end-of-message deadline, a shutdown) waits for a
+        # parse under way: the spool is closed only once no thread reads it.
+        verdict = await trio.to_thread.run_sync(check_spool, spool, limiter=PARSERS)
     if verdict.refusal is not None:
         ctx.api.set_error_reply(*verdict.refusal)
         return Ok(Status.REJECT)
@@ -459,7 +453,7 @@ async def send(ctx: Context[None, Spool], verdict: Verdict) -> None:
 
 milter = Milter(
     "attachment-filter",
-    handlers=[header, eoh, body, abort, eom],
+    handlers=[header, eoh, body, eom],
     actions=Actions.ADD_HEADER | Actions.REPLACE_HEADER | Actions.REPLACE_BODY,
     message_data=Spool,
     on_exception="tempfail",

@@ -387,7 +387,8 @@ class Context(Generic[D, M]):
       `connection_data` gives it without the ``None``.
     - `message_data` is a new object from ``Milter(message_data=...)`` for
       every message, made when a handler of the message first asks for it
-      and dropped when the message ends (end of message, a decision, abort).
+      and dropped when the message ends (end of message, a decision, abort);
+      if it is a context manager, its ``__exit__`` runs then.
     - ``api`` talks to the MTA.
     """
 

@@ -107,7 +107,9 @@ class Milter(Generic[D, M]):
     - ``macros``: macro names to request per stage (space-separated); an
       ``on_negotiate`` handler's ``request_macros`` replaces a stage's list.
     - ``connection_data`` / ``message_data``: factories of per-connection
-      and per-message data (``ctx.connection_data``, ``ctx.message_data``).
+      and per-message data (``ctx.connection_data``, ``ctx.message_data``);
+      what they make is exited (``__exit__``) when dropped, if it is a
+      context manager.
     - ``on_exception``: what an unexpected exception in a handler does:
       ``"panic"`` (shut the milter down, SPEC §2.1) or ``"tempfail"``
       (log it with its traceback, answer that command TEMPFAIL, go on).

@@ -219,6 +219,7 @@ class Session:
         "io",
         "limits",
         "lost",
+        "made_data",
         "metrics",
         "milter",
         "negotiated",
@@ -267,6 +268,8 @@ class Session:
         """Every handler call runs inside it; a call that waits gives it its deadline."""
         self.slow_call: SlowCall | None = None
         self.lost: Stage | None = None
+        self.made_data: object = None
+        """The connection data the factory made: ours to close."""
         """A stage that answers nothing failed: what it could not refuse, a later reply must."""
         self.ended = False
         self.ctx.data = self._new_connection_data()  # last: a failing factory logs with all set
@@ -601,7 +604,7 @@ class Session:
             await self.transport.send(data)  # the common case: nothing to write before it
         if not conn.in_message:
             if self.ctx._message is not None:
-                self.ctx._end_message()
+                self._end_message()
             if self.lost is not None and self.lost not in _CONNECTION_STAGES:
                 self.lost = None
         if metrics is not None:
@@ -727,7 +730,7 @@ class Session:
         try:
             await self._call_ignored(Stage.ABORT)
         finally:
-            self.ctx._end_message()
+            self._end_message()
 
     async def _close(self, *, new_connection: bool) -> None:
         """The SMTP connection ended: on_close, then forget its data."""
@@ -736,10 +739,30 @@ class Session:
                 self.close_owed = False
                 await self._call_ignored(Stage.CLOSE)
         finally:
-            self.ctx._end_message()
-            self.ctx.data = self._new_connection_data() if new_connection else None
+            self._end_message()
             self.error_reply = None
             self.lost = None
+            made, self.made_data = self.made_data, None
+            self.ctx.data = None
+            if made is not None:
+                self._release(made, "connection_data")
+            self.ctx.data = self._new_connection_data() if new_connection else None
+
+    def _end_message(self) -> None:
+        message = self.ctx._message
+        self.ctx._end_message()
+        if message is not None:
+            self._release(message, "message_data")
+
+    def _release(self, data: object, what: str) -> None:
+        """Exit the data a factory made, if it is a context manager (a spool file, say)."""
+        exit_ = getattr(type(data), "__exit__", None)
+        if exit_ is None:
+            return
+        try:
+            exit_(data, None, None, None)
+        except Exception as exc:
+            self._data_failed(exc, f"closing {what} ({type(data).__qualname__}.__exit__)")
 
     async def _connection_lost(self) -> None:
         """The connection ended without QUIT: abort and close like libmilter.
@@ -768,27 +791,33 @@ class Session:
         if factory is None:
             return None
         try:
-            return factory()
+            self.made_data = factory()
         except Exception as exc:
-            # The factory is the milter's code, like a handler: the same policy.
-            if self.milter.on_exception == "tempfail":
-                self.log(
-                    logging.ERROR,
-                    "connection_data factory raised %r; going on without connection data",
-                    exc,
-                    exc_info=exc,
-                    event="handler_exception",
-                )
-            else:
-                self.log(
-                    logging.CRITICAL,
-                    "connection_data factory panicked; the milter shuts down: %r",
-                    exc,
-                    exc_info=exc,
-                    event="panic",
-                )
-                self.state.trip(exc)
+            self._data_failed(exc, "connection_data factory")
             return None
+        return self.made_data
+
+    def _data_failed(self, exc: Exception, what: str) -> None:
+        # The factories are the milter's code, like a handler: the same policy.
+        if self.milter.on_exception == "tempfail":
+            self.log(
+                logging.ERROR,
+                "%s raised %r; going on",
+                what,
+                exc,
+                exc_info=exc,
+                event="handler_exception",
+            )
+        else:
+            self.log(
+                logging.CRITICAL,
+                "%s panicked; the milter shuts down: %r",
+                what,
+                exc,
+                exc_info=exc,
+                event="panic",
+            )
+            self.state.trip(exc)
 
     def _task_panicked(self, exc: BaseException) -> None:
         self.log(

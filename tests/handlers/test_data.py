@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import pytest
 
@@ -20,6 +22,7 @@ from triomilter import (
     on_connect,
     on_eom,
     on_helo,
+    on_mail,
     on_rcpt,
 )
 from triomilter.testing import open_in_memory
@@ -163,3 +166,118 @@ async def test_a_failing_factory_is_a_panic_not_a_crash() -> None:
         async with open_in_memory(milter) as client:
             assert (await client.helo("mx")).status is Status.TEMPFAIL
     assert isinstance(info.value.__cause__, OSError)
+
+
+# --- data that needs closing ---------------------------------------------------------------
+
+
+class Spool:
+    """A context manager standing for a spool file: records when it is closed."""
+
+    made: ClassVar[list[Spool]] = []
+
+    def __init__(self) -> None:
+        self.closed = 0
+        Spool.made.append(self)
+
+    def __enter__(self) -> Spool:
+        return self  # pragma: no cover (the framework only exits)
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed += 1
+
+
+@pytest.fixture
+def spools() -> list[Spool]:
+    Spool.made = []
+    return Spool.made
+
+
+@on_mail
+async def spool_mail(ctx: Context[None, Spool], args: list[str]) -> Status:
+    assert ctx.message_data.closed == 0  # made
+    return Status.REJECT if args[0] == "<spam@example>" else Status.CONTINUE
+
+
+@on_eom
+async def spool_eom(ctx: Context[None, Spool]) -> Status:
+    assert ctx.message_data.closed == 0
+    return Status.CONTINUE
+
+
+@on_abort
+async def spool_abort(ctx: Context[None, Spool]) -> None:
+    assert ctx.message_data.closed == 0  # still open in on_abort
+
+
+async def test_message_data_is_exited_however_the_message_ends(spools: list[Spool]) -> None:
+    milter = Milter("m", handlers=[spool_mail, spool_eom, spool_abort], message_data=Spool)
+    async with open_in_memory(milter) as client:
+        await client.mail("<a@example>")
+        await client.eom()  # end of message
+        assert (await client.mail("<spam@example>")).status is Status.REJECT  # a decision
+        await client.mail("<a@example>")
+        await client.abort()  # an abort
+        await client.mail("<a@example>")  # lost with the connection
+    assert [s.closed for s in spools] == [1, 1, 1, 1]
+
+
+async def test_connection_data_the_factory_made_is_exited_after_on_close(
+    spools: list[Spool],
+) -> None:
+    seen: list[int] = []
+
+    @on_close
+    async def close(ctx: Context[Spool]) -> None:
+        seen.append(ctx.connection_data.closed)
+
+    @on_connect
+    async def connect(ctx: Context[Spool], hostname: str, address: SocketInfo | None) -> None:
+        pass
+
+    milter = Milter("m", handlers=[connect, close], connection_data=Spool)
+    async with open_in_memory(milter) as client:
+        await client.quit_new_connection()  # a new SMTP connection, new data
+        await client.connect("mx.example", None)
+    assert seen == [0, 0]
+    assert [s.closed for s in spools] == [1, 1]
+
+
+async def test_data_set_by_hand_is_left_alone(spools: list[Spool]) -> None:
+    shared = Spool()
+
+    @on_connect
+    async def connect(ctx: Context[Spool], hostname: str, address: SocketInfo | None) -> None:
+        ctx.data = shared
+
+    async with open_in_memory(Milter("m", handlers=[connect])) as client:
+        await client.connect("mx.example", None)
+    assert shared.closed == 0
+
+
+class BadSpool(Spool):
+    def __exit__(self, *exc: object) -> None:
+        raise OSError("disk full")
+
+
+async def test_a_failing_exit_follows_the_exception_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @on_mail
+    async def mail(ctx: Context[None, BadSpool], args: list[str]) -> None:
+        assert ctx.message_data.closed == 0
+
+    milter = Milter("m", handlers=[mail], message_data=BadSpool, on_exception="tempfail")
+    async with open_in_memory(milter) as client:
+        await client.mail("<a@example>")
+        assert (await client.eom()).status is Status.CONTINUE
+        await client.mail("<a@example>")
+        assert (await client.eom()).status is Status.CONTINUE  # went on
+    assert any(
+        "closing message_data (BadSpool.__exit__) raised OSError" in r.getMessage()
+        for r in caplog.records
+    )
+    with pytest.raises(MilterPanic):
+        async with open_in_memory(Milter("m", handlers=[mail], message_data=BadSpool)) as client:
+            await client.mail("<a@example>")
+            await client.eom()
