@@ -3,20 +3,22 @@
 
 One command (stdlib only, Python >= 3.11):
 
-    python3 benchmarks/run.py            # everything, about 12 minutes
-    python3 benchmarks/run.py --quick    # a few seconds per cell, about 3 minutes
+    python3 benchmarks/run.py            # everything, about 16 minutes
+    python3 benchmarks/run.py --quick    # a few seconds per cell, about 5 minutes
 
 For every (workload, milter) cell it starts a fresh milter process pinned to
-CPU 1, waits until it listens, warms it up briefly, then drives it with
-milterload (or, for W5, the idle-connection client) pinned to CPU 0.  It
-samples the milter's CPU time (/proc/PID/stat utime+stime) around the
-measured run and its peak RSS (VmHWM), stops it, and finally writes
+CPU 1 (on a free port of 127.0.0.1, or for the W*u workloads on a UNIX socket
+in a new directory under /tmp), waits until it listens without connecting,
+warms it up briefly, then drives it with milterload (or, for W5, the
+idle-connection client) pinned to CPU 0.  It samples the milter's CPU time
+(/proc/PID/stat utime+stime) around the measured run and its peak RSS
+(VmHWM), stops it, and finally writes
 ``benchmarks/results/<timestamp>.md`` and ``.json``.  See benchmarks/README.md.
 
 Every load loop is bounded: milterload runs for --duration seconds with a
 per-reply timeout, each subprocess has a hard timeout, and the whole run has a
 time budget (--max-minutes) after which the remaining cells are skipped.
-Traffic goes to 127.0.0.1 only.
+Traffic goes to 127.0.0.1 or to UNIX sockets under /tmp only.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ import re
 import resource
 import select
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ VENV_PY = HERE / ".venv-peers" / "bin" / "python"
 MILTERLOAD = BUILD / "milterload" / "release" / "milterload"
 NOOP = BUILD / "noop_responder"
 HOST = "127.0.0.1"
+UNIX_DIR = "/tmp"  # short: a UNIX socket path has at most 107 bytes
 MILTER_CPU = "1"
 LOAD_CPU = "0"
 NICE: list[str] = []  # ["nice", "-n", "-10"] when --nice is given and allowed
@@ -142,6 +148,12 @@ class Workload:
     quickack: bool = False
     body_bytes: int = 10000
     idle: bool = False  # W5
+    unix: bool = False  # over a UNIX-domain socket instead of loopback TCP
+
+    @property
+    def tcp_twin(self) -> str | None:
+        """The TCP workload this UNIX one repeats (W1u-10 -> W1-10)."""
+        return self.key.replace("u-", "-", 1) if self.unix else None
 
     def load_args(self) -> list[str]:
         a = ["-c", str(self.concurrency), "--body-bytes", str(self.body_bytes), *OFFER]
@@ -183,10 +195,32 @@ WORKLOADS: dict[str, Workload] = {
             reconnect=True,
         ),
         Workload("W4-10", "W4: 1 MB bodies, every stage, 10 connections", 10, body_bytes=1_000_000),
+        Workload(
+            "W1u-10",
+            "W1u: as W1-10 over a UNIX socket: every stage, connections reused, 10 connections",
+            10,
+            unix=True,
+        ),
+        Workload(
+            "W1u-100",
+            "W1u: as W1-100 over a UNIX socket: every stage, connections reused, 100 connections",
+            100,
+            unix=True,
+        ),
+        Workload(
+            "W3u-10",
+            "W3u: as W3-10 over a UNIX socket: new connection per message, 10 at a time",
+            10,
+            reconnect=True,
+            unix=True,
+        ),
         Workload("W5", "W5: idle connections (negotiate + connect + helo, then hold)", idle=True),
     ]
 }
-DEFAULT_WORKLOADS = ["W1-10", "W1-100", "W1-1000", "W1q-10", "W2-10", "W3-10", "W4-10", "W5"]
+DEFAULT_WORKLOADS = [
+    *("W1-10", "W1-100", "W1-1000", "W1q-10", "W2-10", "W3-10", "W4-10"),
+    *("W1u-10", "W1u-100", "W3u-10", "W5"),
+]
 QUICK_WORKLOADS = DEFAULT_WORKLOADS
 
 
@@ -254,6 +288,35 @@ def listening(port: int) -> bool:
     return False
 
 
+# /proc/net/unix: Num RefCount Protocol Flags Type St Inode [Path]
+SO_ACCEPTCON = 0x10000  # Flags bit of a socket that listen() was called on
+SOCK_STREAM_TYPE = 0x0001
+
+
+def unix_listening(path: str) -> bool:
+    """True once a stream socket listens at ``path`` (no connection is made).
+
+    The socket file must exist and /proc/net/unix must list a socket bound to
+    that path with __SO_ACCEPTCON set: bound but not yet listening does not count.
+    """
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split(maxsplit=7)
+        if (
+            len(parts) == 8
+            and parts[7] == path
+            and int(parts[3], 16) & SO_ACCEPTCON
+            and int(parts[4], 16) == SOCK_STREAM_TYPE
+        ):
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -295,23 +358,30 @@ def tail(path: Path, lines: int = 6, limit: int = 600) -> str:
 
 
 class MilterProcess:
-    """One milter process, pinned to MILTER_CPU, in its own process group."""
+    """One milter process, pinned to MILTER_CPU, in its own process group.
 
-    def __init__(self, spec: MilterSpec, eom_only: bool, log: Path) -> None:
+    It listens on a free port of 127.0.0.1 (``port``), or with ``unix=True`` on
+    a UNIX socket (``unix_path``) in a directory of its own under /tmp, made
+    here and removed by ``stop()``: no stale socket file can be in the way.
+    ``target`` is the address for milterload either way.
+    """
+
+    def __init__(self, spec: MilterSpec, eom_only: bool, log: Path, *, unix: bool = False) -> None:
         self.spec = spec
-        self.port = free_port()
         self.log = log
-        argv = [
-            *NICE,
-            "taskset",
-            "-c",
-            MILTER_CPU,
-            *spec.argv,
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-        ]
+        self.port: int | None = None
+        self.unix_path: str | None = None
+        if unix:
+            self.unix_path = os.path.join(
+                tempfile.mkdtemp(prefix="triomilter-bench-", dir=UNIX_DIR), "milter.sock"
+            )
+            self.target = f"unix:{self.unix_path}"
+            where = ["--unix", self.unix_path]
+        else:
+            self.port = free_port()
+            self.target = f"{HOST}:{self.port}"
+            where = ["--host", HOST, "--port", str(self.port)]
+        argv = [*NICE, "taskset", "-c", MILTER_CPU, *spec.argv, *where]
         if eom_only:
             argv.append("--eom-only")
         env = dict(os.environ)
@@ -339,7 +409,10 @@ class MilterProcess:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 return f"exited with status {self.proc.returncode} before listening: {last_line(self.log)}"
-            if listening(self.port):
+            if self.unix_path is not None:
+                if unix_listening(self.unix_path):
+                    return None
+            elif listening(self.port):
                 return None
             time.sleep(0.05)
         return f"not listening after {timeout:.0f} s"
@@ -359,10 +432,12 @@ class MilterProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self._logf.close()
+        if self.unix_path is not None:
+            shutil.rmtree(os.path.dirname(self.unix_path), ignore_errors=True)
 
 
 def run_milterload(
-    port: int, args: list[str], duration: float, timeout_s: float
+    target: str, args: list[str], duration: float, timeout_s: float
 ) -> tuple[dict[str, Any] | None, str, int]:
     argv = [
         *NICE,
@@ -379,7 +454,7 @@ def run_milterload(
         "X-Bench",
         "--max-errors",
         "50",
-        f"{HOST}:{port}",
+        target,
     ]
     try:
         p = subprocess.run(
@@ -457,7 +532,7 @@ class Runner:
             if waited > 1.5:
                 c.notes.append(f"waited {waited:.0f} s for a quiet machine")
         logfile = self.logdir / f"{w.key}.{spec.name}.log"
-        m = MilterProcess(spec, w.eom_only, logfile)
+        m = MilterProcess(spec, w.eom_only, logfile, unix=w.unix)
         try:
             why = m.wait_listening(self.o.start_timeout)
             if why is not None:
@@ -475,7 +550,7 @@ class Runner:
         return c
 
     def _warmup(self, c: Cell, m: MilterProcess, args: list[str]) -> bool:
-        _, err, rc = run_milterload(m.port, args, self.o.warmup, 10)
+        _, err, rc = run_milterload(m.target, args, self.o.warmup, 10)
         if rc != 0:
             try:  # a milter that crashed may still be unwinding
                 m.proc.wait(timeout=0.5)
@@ -499,7 +574,7 @@ class Runner:
         err, died = "", False
         for _ in range(self.o.repeat):
             busy0, cpu0 = machine_busy_s(), proc_cpu_s(m.pid)
-            res, err, rc = run_milterload(m.port, args, self.o.duration, self.o.reply_timeout)
+            res, err, rc = run_milterload(m.target, args, self.o.duration, self.o.reply_timeout)
             cpu1, busy1 = proc_cpu_s(m.pid), machine_busy_s()
             if rc != 0:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -718,17 +793,55 @@ def status_text(c: Cell, short: bool = True, runs: bool = False) -> str:
     return st.replace("|", "/").replace("\n", " ")
 
 
+def render_unix_vs_tcp(by: dict[tuple[str, str], Cell], wl: list[str], ms: list[str]) -> list[str]:
+    """Each milter's UNIX-socket workload against its TCP twin in the same run."""
+    pairs = [(w, WORKLOADS[w].tcp_twin) for w in wl if WORKLOADS[w].tcp_twin in wl]
+    if not pairs:
+        return []
+    out = ["## UNIX socket against TCP (same run)", ""]
+    out.append(
+        "Each milter's UNIX-socket workload next to the same workload over loopback TCP. "
+        "*msg/s* UNIX ÷ TCP above 1× and *CPU* UNIX ÷ TCP below 1× mean the UNIX socket is better. "
+        "`–`: one side did not produce a figure."
+    )
+    out.append("")
+    out.append(
+        "| workload | milter | msg/s TCP | msg/s UNIX | msg/s UNIX ÷ TCP | p50 ms TCP / UNIX "
+        "| p99 ms TCP / UNIX | CPU s / 1k msg TCP / UNIX | CPU UNIX ÷ TCP |"
+    )
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for uk, tk in pairs:
+        for mn in ms:
+            u, t = by.get((uk, mn)), by.get((tk, mn))
+            if u is None or t is None:
+                continue
+            u = u if u.status == "ok" else Cell(uk, mn)
+            t = t if t.status == "ok" else Cell(tk, mn)
+            out.append(
+                f"| {uk} vs {tk} | {mn} | {fnum(t.msgs_per_sec)} | {fnum(u.msgs_per_sec)} "
+                f"| {ratio(u.msgs_per_sec, t.msgs_per_sec)} "
+                f"| {fnum(t.p50_ms, '{:.2f}')} / {fnum(u.p50_ms, '{:.2f}')} "
+                f"| {fnum(t.p99_ms, '{:.2f}')} / {fnum(u.p99_ms, '{:.2f}')} "
+                f"| {fnum(t.cpu_s_per_1k, '{:.3f}')} / {fnum(u.cpu_s_per_1k, '{:.3f}')} "
+                f"| {ratio(u.cpu_s_per_1k, t.cpu_s_per_1k)} |"
+            )
+    out.append("")
+    return out
+
+
 def render(cells: list[Cell], meta: dict[str, Any], baseline: str) -> str:
     by = {(c.workload, c.milter): c for c in cells}
     wl = [w for w in meta["workloads"]]
     ms = [m for m in meta["milters"]]
+    unix = any(WORKLOADS[w].unix for w in wl)
     out: list[str] = []
     out.append(f"# triomilter benchmarks, {meta['started']}")
     out.append("")
     v = meta["versions"]
     out.append(
         f"{v.get('cpu', '?')}, {v.get('cpus', '?')} CPUs, Linux {v.get('kernel', '?')}, "
-        f"Python {v.get('python', '?')}. Milter pinned to CPU {MILTER_CPU}, load generator to CPU {LOAD_CPU} (taskset), both at nice {meta['nice']}; loopback only."
+        f"Python {v.get('python', '?')}. Milter pinned to CPU {MILTER_CPU}, load generator to CPU {LOAD_CPU} (taskset), both at nice {meta['nice']}; "
+        + ("loopback TCP and UNIX sockets under /tmp only." if unix else "loopback only.")
     )
     out.append("")
     out.append(
@@ -776,6 +889,8 @@ def render(cells: list[Cell], meta: dict[str, Any], baseline: str) -> str:
                 f"| {fnum(None if c.peak_rss_kib is None else c.peak_rss_kib / 1024, '{:.1f}')} | {status_text(c, runs=True)} |"
             )
         out.append("")
+
+    out.extend(render_unix_vs_tcp(by, wl, ms))
 
     if "W5" in wl:
         out.append(f"## {WORKLOADS['W5'].title}")
@@ -844,7 +959,8 @@ def render(cells: list[Cell], meta: dict[str, Any], baseline: str) -> str:
     out.append(
         "Columns: *msg/s* messages completed per second; *% of limit* msg/s ÷ the no-op responder's in the same "
         "workload; *p50/p99* latency from a message's first command to its final end-of-message reply (W3: from "
-        "TCP connect); *CPU s / 1k msg* milter process CPU (user+system, all threads) per 1000 messages, connection setup included; "
+        + ("TCP connect, W3u: from connect()" if unix else "TCP connect")
+        + "); *CPU s / 1k msg* milter process CPU (user+system, all threads) per 1000 messages, connection setup included; "
         "*milter CPU* / *gen CPU* share of one core used by the milter / milterload (a generator near 100% "
         "means the row is generator-bound); *other CPU* share of a core used meanwhile by everything else on "
         "the machine (other processes, hypervisor steal): high values mean a disturbed cell; *peak RSS* VmHWM of the milter process over the cell. "
@@ -924,7 +1040,7 @@ def main() -> int:
         help="milter the ratio table compares against the others",
     )
     ap.add_argument(
-        "--max-minutes", type=float, default=15.0, help="time budget; later cells are skipped"
+        "--max-minutes", type=float, default=25.0, help="time budget; later cells are skipped"
     )
     ap.add_argument("--no-setup", action="store_true", help="do not run setup.sh first")
     ap.add_argument("--out", type=Path, default=HERE / "results")

@@ -10,6 +10,10 @@ answering CONTINUE; end of message adds ``X-Bench: 1``.  With
 framework negotiates NO_* for every other stage (SPEC §2.2).
 
 usage: triomilter_bench.py [--host 127.0.0.1] --port PORT [--eom-only]
+       triomilter_bench.py --unix PATH [--eom-only]
+
+``--unix`` serves ``unix:PATH`` (Postfix ``unix:``, Sendmail ``local:``);
+triomilter removes a stale socket file there itself, and PATH on exit.
 
 The benchmark runner puts the repository root on PYTHONPATH, so this imports
 the working tree's ``triomilter``.
@@ -95,7 +99,9 @@ eom_only_milter = triomilter.Milter(
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="listen on TCP HOST:PORT")
+    where.add_argument("--unix", metavar="PATH", help="listen on a UNIX-domain socket at PATH")
     p.add_argument("--eom-only", action="store_true")
     p.add_argument(
         "--max-connections",
@@ -108,11 +114,14 @@ def main() -> None:
     )
     a = p.parse_args()
     milter = eom_only_milter if a.eom_only else every_stage_milter
-    family = "inet6" if ":" in a.host else "inet"
+    if a.unix:
+        spec = f"unix:{a.unix}"
+    else:
+        spec = f"{'inet6' if ':' in a.host else 'inet'}:{a.port}@{a.host}"
     serve = functools.partial(triomilter.serve, max_connections=a.max_connections)
     if a.metrics:
         serve = functools.partial(serve, metrics=triomilter.Metrics())
-    trio.run(serve, milter, f"{family}:{a.port}@{a.host}")
+    trio.run(serve, milter, spec)
 
 
 if __name__ == "__main__":

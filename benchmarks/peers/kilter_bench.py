@@ -10,6 +10,10 @@ consumes all of them, then adds ``X-Bench: 1`` at end of message and returns
 negotiates NO_*/NR_* for every optional stage (W2).
 
 usage: kilter_bench.py [--host 127.0.0.1] --port PORT [--eom-only]
+       kilter_bench.py --unix PATH [--eom-only]
+
+The Runner serves any anyio byte stream, so ``--unix`` serves it on
+``anyio.create_unix_listener(PATH)``, which removes a stale socket file first.
 """
 
 from __future__ import annotations
@@ -59,19 +63,24 @@ async def eom_only(session: Session) -> Accept:
     return Accept()
 
 
-async def serve(host: str, port: int, eom: bool) -> None:
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+async def serve(host: str, port: int | None, unix: str | None, eom: bool) -> None:
+    if unix:
+        listener = await anyio.create_unix_listener(unix)
+    else:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     await listener.serve(Runner(eom_only if eom else every_stage))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="listen on TCP HOST:PORT")
+    where.add_argument("--unix", metavar="PATH", help="listen on a UNIX-domain socket at PATH")
     p.add_argument("--eom-only", action="store_true")
     a = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    anyio.run(partial(serve, a.host, a.port, a.eom_only), backend="trio")
+    anyio.run(partial(serve, a.host, a.port, a.unix, a.eom_only), backend="trio")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,17 @@
  *   E        -> 'h' "X-Bench" "1" and 'c', in one write
  *   anything else (C H M R T L N B U) -> 'c'
  *
- * Everything owed for one read() is sent in one write(), with TCP_NODELAY.
+ * Everything owed for one read() is sent in one write(), with TCP_NODELAY
+ * (on TCP; a UNIX socket has no Nagle to turn off).
  * One thread, one level-triggered epoll loop; the per-connection state is a
  * few dozen bytes, so the idle-connection RSS is the kernel's and not ours.
  *
  * usage: noop_responder [--host 127.0.0.1] --port PORT [--eom-only]
+ *        noop_responder --unix PATH [--eom-only]
+ *
+ * --unix listens on a UNIX-domain socket (Postfix unix:, Sendmail local:)
+ * instead of TCP. A stale socket file at PATH is removed first (anything else
+ * there is an error), and PATH is removed again on exit.
  *
  * Exits on SIGTERM/SIGINT.
  */
@@ -36,6 +42,8 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #define NO_STAGES 0x37Fu /* NOCONNECT..NOEOH, NOUNKNOWN, NODATA */
@@ -197,32 +205,33 @@ static void on_readable(struct conn *c, uint8_t *rbuf) {
     }
 }
 
-int main(int argc, char **argv) {
-    const char *host = "127.0.0.1";
-    int port = -1;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--host") && i + 1 < argc) host = argv[++i];
-        else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--eom-only")) eom_only = 1;
-        else {
-            fprintf(stderr, "usage: %s [--host H] --port P [--eom-only]\n", argv[0]);
-            return 2;
-        }
-    }
-    if (port < 0) {
-        fprintf(stderr, "usage: %s [--host H] --port P [--eom-only]\n", argv[0]);
-        return 2;
-    }
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-    struct sigaction sa = {.sa_handler = on_signal};
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+#define USAGE "usage: %s [--host H] --port P [--eom-only]\n       %s --unix PATH [--eom-only]\n"
 
+/* A listening UNIX-domain socket at path; a stale socket file there is removed. */
+static int listen_unix(const char *path) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) {
+        fprintf(stderr, "socket path too long (max %zu bytes): %s\n", sizeof a.sun_path - 1, path);
+        return -1;
+    }
+    strcpy(a.sun_path, path);
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            fprintf(stderr, "%s exists and is not a socket; not removing it\n", path);
+            return -1;
+        }
+        unlink(path);
+    }
+    int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (lfd < 0 || bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 4096) < 0) {
+        perror("unix socket bind/listen");
+        return -1;
+    }
+    return lfd;
+}
+
+static int listen_tcp(const char *host, int port) {
     int v6 = strchr(host, ':') != NULL;
     int lfd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
@@ -242,14 +251,48 @@ int main(int argc, char **argv) {
         a->sin_port = htons(port);
         if (inet_pton(AF_INET, host, &a->sin_addr) != 1) {
             fprintf(stderr, "bad host %s\n", host);
-            return 2;
+            return -1;
         }
         sl = sizeof *a;
     }
     if (bind(lfd, (struct sockaddr *)&ss, sl) < 0 || listen(lfd, 4096) < 0) {
         perror("bind/listen");
-        return 1;
+        return -1;
     }
+    return lfd;
+}
+
+int main(int argc, char **argv) {
+    const char *host = "127.0.0.1";
+    const char *unix_path = NULL;
+    int port = -1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--host") && i + 1 < argc) host = argv[++i];
+        else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--unix") && i + 1 < argc) unix_path = argv[++i];
+        else if (!strcmp(argv[i], "--eom-only")) eom_only = 1;
+        else {
+            fprintf(stderr, USAGE, argv[0], argv[0]);
+            return 2;
+        }
+    }
+    if ((port < 0) == (unix_path == NULL)) {
+        fprintf(stderr, USAGE, argv[0], argv[0]);
+        return 2;
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    int lfd = unix_path ? listen_unix(unix_path) : listen_tcp(host, port);
+    if (lfd < 0) return 1;
+    int one = 1;
     epfd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL};
     epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &lev);
@@ -264,7 +307,7 @@ int main(int argc, char **argv) {
                 for (;;) {
                     int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
                     if (fd < 0) break;
-                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    if (!unix_path) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     struct conn *nc = calloc(1, sizeof *nc);
                     if (!nc) { close(fd); continue; }
                     nc->fd = fd;
@@ -280,5 +323,6 @@ int main(int argc, char **argv) {
             if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_readable(c, rbuf);
         }
     }
+    if (unix_path) unlink(unix_path);
     return 0;
 }

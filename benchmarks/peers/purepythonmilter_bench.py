@@ -8,14 +8,30 @@ stage is handled and answers ``Continue()``; end of message answers
 negotiates NO_* for every other stage (W2).
 
 usage: purepythonmilter_bench.py [--host 127.0.0.1] --port PORT [--eom-only]
+       purepythonmilter_bench.py --unix PATH [--eom-only]
+
+purepythonmilter 0.0.1 has no UNIX-socket API: ``run_server`` takes only
+``host``/``port``, and its ``MilterServer.start_server`` unpacks the bound
+address as ``(host, port)``.  Its connection handler is transport-neutral
+(asyncio streams), so ``--unix`` binds ``asyncio.start_unix_server(PATH)``
+itself and hands each connection to the library's own
+``MilterServer.handle_connection``, with the milter's factory from the
+private ``PurePythonMilter._get_factory()``: the same protocol code as on
+TCP, only the listener differs.  asyncio removes a stale socket file at PATH
+first; PATH is removed on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import os
+import signal
 
 import purepythonmilter as ppm
+from purepythonmilter.server.milterserver import MilterServer
 
 
 async def on_connect(cmd: ppm.Connect) -> ppm.Continue:
@@ -86,17 +102,45 @@ def make_milter(eom_only: bool) -> ppm.PurePythonMilter:
     )
 
 
+async def serve_unix(milter: ppm.PurePythonMilter, path: str) -> None:
+    """The library's start_server, with a UNIX listener (see the module docstring)."""
+    server = MilterServer(app_factory=milter._get_factory())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    listener = await asyncio.start_unix_server(server.handle_connection, path)
+    try:
+        await stop.wait()
+    finally:
+        listener.close()
+        await server.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="listen on TCP HOST:PORT")
+    where.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="listen on a UNIX-domain socket at PATH (through the library's connection "
+        "handler: it has no UNIX-socket API)",
+    )
     p.add_argument("--eom-only", action="store_true")
     a = p.parse_args()
     # Errors only, like a production deployment.  (purepythonmilter warns on
     # every message after the first on a connection: it never resets its
     # "manipulations sent" state, see the README's caveats.)
     logging.basicConfig(level=logging.ERROR)
-    make_milter(a.eom_only).run_server(host=a.host, port=a.port)
+    milter = make_milter(a.eom_only)
+    if a.unix:
+        asyncio.run(serve_unix(milter, a.unix))
+    else:
+        milter.run_server(host=a.host, port=a.port)
 
 
 if __name__ == "__main__":

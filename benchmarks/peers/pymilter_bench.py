@@ -6,6 +6,10 @@ Every stage is handled and answers CONTINUE; end of message adds
 pymilter's default negotiation sets NO_* for every other stage (W2).
 
 usage: pymilter_bench.py [--host 127.0.0.1] --port PORT [--eom-only]
+       pymilter_bench.py --unix PATH [--eom-only]
+
+``--unix`` gives libmilter the socket ``unix:PATH``; libmilter removes a
+stale socket file there first (``runmilter(..., rmsock=True)``).
 """
 
 from __future__ import annotations
@@ -65,15 +69,21 @@ class EomOnly(Milter.Base):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="listen on TCP HOST:PORT")
+    where.add_argument("--unix", metavar="PATH", help="listen on a UNIX-domain socket at PATH")
     p.add_argument("--eom-only", action="store_true")
     a = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     Milter.factory = EomOnly if a.eom_only else EveryStage
     Milter.set_flags(Milter.ADDHDRS)
-    family = "inet6" if ":" in a.host else "inet"
+    if a.unix:
+        spec = f"unix:{a.unix}"
+    else:
+        spec = f"{'inet6' if ':' in a.host else 'inet'}:{a.port}@{a.host}"
     # timeout: the MTA-side I/O timeout libmilter applies; 600 s is plenty.
-    Milter.runmilter("bench", f"{family}:{a.port}@{a.host}", timeout=600)
+    # rmsock: remove a stale UNIX socket file before binding.
+    Milter.runmilter("bench", spec, timeout=600, rmsock=True)
 
 
 if __name__ == "__main__":
