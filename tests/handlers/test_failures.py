@@ -291,3 +291,8 @@ async def test_a_failing_handler_of_an_unanswered_stage_says_nothing_more(
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(messages) == 1 and "raised ValueError" in messages[0], messages
     assert "TEMPFAIL at the next reply" in messages[0]
+
+
+def test_an_unknown_exception_policy_is_refused_when_the_milter_is_made() -> None:
+    with pytest.raises(ValueError, match="on_exception"):
+        M("typo", handlers=[], on_exception="ignore")  # type: ignore[arg-type]

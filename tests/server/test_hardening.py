@@ -20,9 +20,11 @@ import trio.testing
 from triomilter import (
     Actions,
     Context,
+    Metrics,
     Milter,
     Status,
     blocking,
+    on_abort,
     on_close,
     on_eom,
     on_helo,
@@ -62,12 +64,16 @@ async def test_a_hung_handler_frees_its_slot_when_the_mta_hangs_up(
                 raise
         return Status.CONTINUE
 
+    @on_abort
+    async def abort(ctx: Context[None]) -> None:
+        events.append("abort")  # the message was cut short: its resources go
+
     @on_close
     async def close(ctx: Context[None]) -> None:
         events.append("close")
         closed.set()
 
-    milter = Milter("hang", handlers=[rcpt, close])
+    milter = Milter("hang", handlers=[rcpt, abort, close])
     async with served(milter, max_connections=1, handler_timeout=600.0) as srv:
         with trio.fail_after(TIMEOUT):
             first = await RawMta.to(srv.address)
@@ -84,7 +90,7 @@ async def test_a_hung_handler_frees_its_slot_when_the_mta_hangs_up(
             await second.connect()
             await second.mail()
             assert await second.rcpt() == Continue()  # served, not refused: the slot is free
-    assert events[:2] == ["cancelled", "close"]
+    assert events[:3] == ["cancelled", "abort", "close"]  # then the second connection's
     assert any("the MTA closed the connection while handler" in m for m in messages(logs))
 
 
@@ -164,12 +170,15 @@ async def test_a_blocking_handler_is_reported(logs: pytest.LogCaptureFixture) ->
         time.sleep(0.3)  # a synchronous DNS lookup, say
         return Status.CONTINUE
 
-    async with served(Milter("blocking", handlers=[helo]), stall_warning=0.1) as srv:
+    metrics = Metrics()
+    milter = Milter("blocking", handlers=[helo])
+    async with served(milter, stall_warning=0.1, metrics=metrics) as srv:
         with trio.fail_after(TIMEOUT):
             client = await RawMta.to(srv.address)
             await client.negotiate()
             await client.connect()
             assert await client.helo() == Continue()
+    assert metrics.loop_stalls == 1
     stalls = [m for m in messages(logs) if "held the event loop" in m]
     assert len(stalls) == 1, messages(logs)
     assert "helo: handler" in stalls[0] and "mark a plain def @blocking" in stalls[0]

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from triomilter import Context, Milter, SocketInfo, Status, on_close, on_connect
+from triomilter import Context, Metrics, Milter, SocketInfo, Status, on_close, on_connect
 from triomilter.protocol import Continue, OptionNegotiationReply, Tempfail
 
 from ._mta import POSTFIX_OFFER, RawMta
@@ -22,7 +22,8 @@ async def test_over_the_limit_a_connection_is_answered_tempfail_at_once(
     logs: pytest.LogCaptureFixture,
 ) -> None:
     """Never a silent lockout: the MTA is told at once, and the operator once."""
-    async with served(milter, max_connections=2) as srv:
+    metrics = Metrics()
+    async with served(milter, max_connections=2, metrics=metrics) as srv:
         with trio.fail_after(TIMEOUT):
             first = await RawMta.to(srv.address)
             await first.negotiate()
@@ -51,6 +52,7 @@ async def test_over_the_limit_a_connection_is_answered_tempfail_at_once(
             assert await fifth.helo() == Continue()
     warnings = [r.getMessage() for r in logs.records if "connection limit of 2" in r.getMessage()]
     assert len(warnings) == 1, warnings
+    assert metrics.connection_limit_hits == 2
     assert any("2 connection(s) were answered TEMPFAIL" in r.getMessage() for r in logs.records)
 
 

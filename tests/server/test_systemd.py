@@ -7,6 +7,7 @@ The notify side is checked by a datagram socket the test owns as
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket as stdsocket
@@ -172,3 +173,8 @@ def test_the_documented_units_verify(tmp_path: Path) -> None:
     socket_unit = (units / "triomilter.socket").read_text()
     assert "Type=notify" in service and "--socket systemd" in service
     assert "SocketGroup=postfix" in socket_unit and "SocketMode=0660" in socket_unit
+    # systemd makes the socket's directory root:root with DirectoryMode: Postfix
+    # (neither root nor in root's group) reaches the socket only if others may
+    # search it.
+    directory_mode = re.search(r"^DirectoryMode=([0-7]+)$", socket_unit, re.MULTILINE)
+    assert directory_mode is not None and int(directory_mode[1], 8) & 0o001
