@@ -37,6 +37,13 @@ from ._client import (
 )
 from ._errors import MilterClosed, MilterTimeout
 from ._matchers import ANY, AnyValue, BodyMatcher, IndexMatcher, Matcher
+from ._mtas import (
+    POSTFIX_MACROS,
+    SENDMAIL_ACTIONS,
+    SENDMAIL_MACROS,
+    SENDMAIL_OPTS,
+    SENDMAIL_VERSION,
+)
 from ._open import open_client, open_in_memory, open_stream, open_tcp, open_unix
 from ._results import (
     AddHeader,
@@ -58,8 +65,13 @@ __all__ = [
     "HandlerContext",
     "DEFAULT_TIMEOUT",
     "POSTFIX_ACTIONS",
+    "POSTFIX_MACROS",
     "POSTFIX_OPTS",
     "POSTFIX_VERSION",
+    "SENDMAIL_ACTIONS",
+    "SENDMAIL_MACROS",
+    "SENDMAIL_OPTS",
+    "SENDMAIL_VERSION",
     "AddHeader",
     "AddRecipient",
     "Address",
