@@ -1,4 +1,4 @@
-"""The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC``.
+"""The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC``, ``check``, ``tap``.
 
 MODULE is an importable module name or a path to a ``.py`` file (imported
 like ``python FILE`` runs it: its directory comes first on ``sys.path``).
@@ -29,10 +29,12 @@ from typing import Any
 
 import trio
 
+from ._check_cli import add_check_parser, check_command
 from ._errors import ForcedShutdown, MilterPanic
 from ._milter import Milter
 from ._options import ServerOptions
 from ._sockets import SocketSpecError, listener_from_fd, parse_socket_spec
+from ._tap import add_tap_parser, tap_command
 
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
@@ -172,9 +174,8 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="processes sharing the listening socket (1)"
     )
     _add_server_options(run)
-    check = commands.add_parser("check", help="load a milter and show its configuration")
-    check.add_argument("target", metavar="MODULE[:ATTR]")
-    check.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
+    add_check_parser(commands)
+    add_tap_parser(commands)
     return parser
 
 
@@ -193,15 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=named,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+    if args.command == "tap":
+        return tap_command(args)
     try:
+        if args.command == "check":
+            return check_command(args, load_milter)
         milter = load_milter(args.target)
     except LoadError as exc:
         print(f"triomilter: {exc}", file=sys.stderr)
         if named <= logging.DEBUG and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
-        return _check(milter)
     return _serve(args, milter)
 
 
@@ -255,14 +258,6 @@ async def _serve_fd(milter: Milter[Any, Any], fd: int, options: ServerOptions) -
     from ._server import serve_listener
 
     await serve_listener(milter, listener_from_fd(fd), options)
-
-
-def _check(milter: Milter[Any, Any]) -> int:
-    print(f"milter {milter.name!r}")
-    print(f"  handlers: {', '.join(stage.value for stage in milter.handlers)}")
-    print(f"  actions: {milter.actions!r}")
-    print(f"  protocol options: {milter.protocol_opts!r} (+ {milter.unhandled_steps!r})")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
