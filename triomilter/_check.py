@@ -917,7 +917,12 @@ def _describe_address(address: Address) -> bytes:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-        return f"cannot reach the milter: {exc.strerror or exc}"
+        # trio's "all attempts to connect ... failed" has the reasons in its cause.
+        cause: BaseException = exc
+        if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+            cause = exc.__cause__.exceptions[-1]
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        return f"cannot reach the milter: {reason}"
     if isinstance(exc, MilterTimeout):
         return f"timeout: {exc}"
     return f"{type(exc).__name__}: {exc}"

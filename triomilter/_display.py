@@ -1,8 +1,8 @@
 """Showing protocol data to people and scripts: printable text, flag names, JSON-safe text.
 
-Bytes are shown as UTF-8; bytes that are not UTF-8 appear as ``\\xNN`` and
-control characters other than tab as ``\\x0d``-style escapes, so one line of
-output is one line on the terminal.
+Bytes are shown as UTF-8; bytes that are not UTF-8 appear as ``\\xNN``, line
+ends as ``\\n`` and ``\\r``, other control characters but tab as ``\\x00``, so
+one line of output is one line on the terminal.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import enum
 import re
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 
 def show(data: bytes | str, limit: int | None = None) -> str:
     """``data`` as one printable line, cut at ``limit`` characters (with an ellipsis)."""
     text = data.decode("utf-8", "backslashreplace") if isinstance(data, bytes) else data
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
     return text

@@ -116,17 +116,28 @@ class LineSplitter:
     def feed(self, data: bytes) -> list[bytes]:
         parts = (self._pending + data).split(b"\n")
         rest = parts.pop()
-        lines = [part + b"\n" for part in parts]
-        while len(rest) > MAX_LINE:
-            cut = MAX_LINE - 1 if rest[MAX_LINE - 1 : MAX_LINE] == b"\r" else MAX_LINE
-            lines.append(rest[:cut])
-            rest = rest[cut:]
-        self._pending = rest
-        return lines
+        lines: list[bytes] = []
+        for part in parts:
+            lines += _cut(part + b"\n")
+        pieces = _cut(rest)
+        self._pending = pieces.pop() if pieces else b""
+        return lines + pieces
 
     def end(self) -> list[bytes]:
         rest, self._pending = self._pending, b""
         return [rest] if rest else []
+
+
+def _cut(line: bytes) -> list[bytes]:
+    """``line`` in pieces of at most `MAX_LINE` bytes (never between CR and LF)."""
+    pieces = []
+    while len(line) > MAX_LINE:
+        cut = MAX_LINE - 1 if line[MAX_LINE - 1 : MAX_LINE + 1] == b"\r\n" else MAX_LINE
+        pieces.append(line[:cut])
+        line = line[cut:]
+    if line:
+        pieces.append(line)
+    return pieces
 
 
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
@@ -294,7 +305,7 @@ class MessageSource:
     """
 
     def __init__(self, inputs: Sequence[str], stdin: BinaryIO | None = None) -> None:
-        self._paths = iter(_expand(inputs))
+        self._paths = iter(list(_expand(inputs)))  # missing inputs fail here, first
         self._stdin = stdin
         self._file: trio.abc.AsyncResource | None = None
         self._read: _Reader | None = None
