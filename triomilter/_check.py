@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from ._delivery import Delivery, Envelope, Mta, deliver
+from ._display import os_error
 from ._errors import MilterPanic
 from ._mail import HeaderField, Message, MessageSource, addresses, client_of, header_values
 from ._milter import Milter
@@ -917,12 +918,7 @@ def _describe_address(address: Address) -> bytes:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-        # trio's "all attempts to connect ... failed" has the reasons in its cause.
-        cause: BaseException = exc
-        if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
-            cause = exc.__cause__.exceptions[-1]
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
-        return f"cannot reach the milter: {reason}"
+        return f"cannot reach the milter: {os_error(exc)}"
     if isinstance(exc, MilterTimeout):
         return f"timeout: {exc}"
     return f"{type(exc).__name__}: {exc}"

@@ -38,3 +38,14 @@ def flags_name(value: int, kind: type[enum.IntFlag]) -> str:
     if value & ~known:
         names.append(hex(value & ~known))
     return "|".join(names) or "NONE"
+
+
+def os_error(exc: BaseException) -> str:
+    """Why a connection failed, in a few words (trio's "all attempts to connect ...
+    failed" has the reasons in its cause: the last one)."""
+    cause: BaseException = exc
+    if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+        cause = exc.__cause__.exceptions[-1]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause)

@@ -2,8 +2,8 @@
 
 The MTA connects to the tap (``--listen``); the tap connects to the real
 milter (``--milter``, any implementation) and forwards every byte, both
-ways, unchanged, as soon as it arrives: forwarding comes first, decoding
-after, so the decoding never delays the bytes. Each direction is decoded
+ways, unchanged, as soon as it arrives (and is decoded: a reply is never
+shown before the command it answers). Each direction is decoded
 with the engine (`decode_command`, `decode_reply`, `check_reply`) by an
 `Observer`, which also keeps the little state needed to judge the replies:
 the negotiated actions and steps, and which command is owed a reply.
@@ -43,10 +43,12 @@ import attrs
 import trio
 
 from ._context import SocketFamily
-from ._display import flags_name, show, text_json
+from ._display import flags_name, os_error, show, text_json
 from ._sockets import SocketSpecError, describe_address, open_listener
 from ._sockets import parse_socket_spec as _parse_socket_spec
 from .protocol import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL_OPTS,
     FINAL_REPLIES,
     NO_FLAG,
     NOREPLY_FLAG,
@@ -54,6 +56,7 @@ from .protocol import (
     Body,
     CommandCode,
     DefineMacros,
+    EndOfMessage,
     MacroStage,
     Negotiated,
     OptionNegotiation,
@@ -167,7 +170,8 @@ class Event:
 
     conn: int
     kind: str
-    """``open``, ``close``, ``command``, ``reply``, ``violation``, ``error``, ``dropped``."""
+    """``command``, ``reply``, ``violation``; ``open``, ``eof`` (one side closed), ``close``
+    (the connection is over), ``error`` (of the tap), ``dropped`` (output lines lost)."""
     side: str = "tap"
     """Who sent it: ``mta``, ``milter`` (or ``tap``)."""
     name: str = ""
@@ -200,15 +204,23 @@ def _reply_name(code: int) -> str:
         return f"unknown reply {_code_text(code)!r}"
 
 
+def _flags(value: int, kind: type[enum.IntFlag], every: int) -> str:
+    if value == every:
+        return f"ALL ({value:#x})"  # what Postfix and Sendmail offer
+    return f"{flags_name(value, kind)} ({value:#x})"
+
+
 def _arguments(item: object) -> dict[str, Any]:
     """The decoded fields of a command or reply, for display."""
     if isinstance(item, Body | ReplaceBody):
         return {"size": len(item.chunk)}
+    if isinstance(item, EndOfMessage):
+        return {"size": len(item.chunk)} if item.chunk else {}
     if isinstance(item, OptionNegotiation | OptionNegotiationReply):
         args: dict[str, Any] = {
             "version": item.version,
-            "actions": flags_name(item.actions, Actions),
-            "protocol": flags_name(item.opts, ProtocolOpts),
+            "actions": _flags(item.actions, Actions, ALL_ACTIONS),
+            "protocol": _flags(item.opts, ProtocolOpts, ALL_PROTOCOL_OPTS),
         }
         if isinstance(item, OptionNegotiationReply) and item.macros:
             args["macros"] = {MacroStage(s).name: text_json(n) for s, n in item.macros}
@@ -463,10 +475,12 @@ def format_text(event: Event) -> str:
     """One event as a line of text."""
     clock = time.strftime("%H:%M:%S", time.localtime(event.time))
     stamp = f"{clock}.{int(event.time % 1 * 1e6):06d} #{event.conn}"
-    if event.kind in ("violation", "error", "open", "close", "dropped"):
-        mark = {"violation": "!!", "error": "!!"}.get(event.kind, "--")
-        who = f"{event.side}: " if event.kind == "violation" else ""
-        return f"{stamp} {mark} {event.kind} {who}{event.message}"
+    if event.kind == "violation":
+        return f"{stamp} !! {event.side}: {event.message}"
+    if event.kind == "error":
+        return f"{stamp} !! {event.message}"
+    if event.kind not in ("command", "reply"):
+        return f"{stamp} -- {event.message}"
     arrow = "MTA> " if event.side == "mta" else "<MIL "
     parts = [stamp, arrow, event.name]
     if event.args:
@@ -539,13 +553,16 @@ class Output:
 
     async def run(self) -> None:
         """Write lines until cancelled; then what is queued (bounded by the queue size)."""
+        batch: list[Event] = []
         try:
             while True:
                 batch = [await self._receive.receive()]
-                await self._write(batch + self._drain())
+                batch += self._drain()
+                await self._write(batch)
+                batch = []
         finally:
             with trio.CancelScope(shield=True):
-                await self._write(self._drain())
+                await self._write(batch + self._drain())
 
     def _drain(self) -> list[Event]:
         batch = []
@@ -593,7 +610,9 @@ class Tap:
         self.output = output
         self.milter = _parse_socket_spec(options.milter)
         self._ids = itertools.count(1)
-        self._limit = trio.CapacityLimiter(options.max_connections)
+        self._limit = trio.Semaphore(
+            options.max_connections
+        )  # taken by the accept loop, given back by the connection
 
     async def serve(
         self, listener: trio.SocketListener, task_status: trio.TaskStatus[object]
@@ -646,25 +665,19 @@ class _Connection:
     async def run(self) -> None:
         options = self.options
         peer = _peer(self.mta)
-        self.emit([Event(self.conn, "open", "mta", message=f"from {peer}")])
+        self.emit([Event(self.conn, "open", "mta", message=f"connection from {peer}")])
         try:
             with trio.fail_after(options.reply_timeout):
                 milter = await self.tap.open_milter()
         except (OSError, trio.TooSlowError) as exc:
-            reason = "timeout" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
-            self.emit(
-                [
-                    Event(
-                        self.conn,
-                        "error",
-                        message=f"cannot connect to the milter {options.milter}: {reason}",
-                    )
-                ]
-            )
+            reason = "timeout" if isinstance(exc, trio.TooSlowError) else os_error(exc)
+            message = f"cannot connect to the milter {options.milter}: {reason}"
+            self.emit([Event(self.conn, "error", message=message)])
             with trio.CancelScope(shield=True):
                 await self.mta.aclose()
+            self.emit([Event(self.conn, "close", message="closed")])
             return
-        ended = "both sides closed"
+        ended = "closed"
         with self.scope:
             self.scope.deadline = trio.current_time() + options.idle_timeout
             try:
@@ -675,7 +688,7 @@ class _Connection:
             except Exception as exc:  # never crash the tap for one connection
                 ended = f"ended by an error: {exc!r}"
         if self.scope.cancelled_caught:
-            ended = f"idle for {options.idle_timeout:g} s: closed"
+            ended = f"closed: idle for {options.idle_timeout:g} s"
         observer = self.observer
         self.emit(
             [
@@ -697,36 +710,28 @@ class _Connection:
     ) -> None:
         feed = self.observer.from_mta if side == "mta" else self.observer.from_milter
         decoding = True
+        who = "the MTA" if side == "mta" else "the milter"
         try:
             while data := await source.receive_some(RECEIVE_SIZE):
                 now = trio.current_time()
-                await sink.send_all(data)  # first: the bytes go on before any decoding
                 self.scope.deadline = now + self.options.idle_timeout
                 if decoding:
+                    # Decoded (and queued for output) before the bytes go on, so a
+                    # reaction of the other side is never shown before its cause.
                     try:
                         self.emit(feed(data, now))
                     except Exception as exc:  # a decoding bug must not cost the connection
                         decoding = False
-                        self.emit(
-                            [Event(self.conn, "error", side, message=f"decoding stopped: {exc!r}")]
-                        )
+                        message = f"decoding stopped: {exc!r}"
+                        self.emit([Event(self.conn, "error", side, message=message)])
+                await sink.send_all(data)
                 self.changed.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.emit(
-                [Event(self.conn, "close", side, message=f"{side} connection broken: {exc!r}")]
-            )
+            cause = exc.__cause__ or exc
+            self.emit([Event(self.conn, "eof", side, message=f"{who}: connection lost ({cause})")])
             both.cancel()
             return
-        self.emit(
-            [
-                Event(
-                    self.conn,
-                    "close",
-                    side,
-                    message=f"closed by the {side.upper() if side == 'mta' else side}",
-                )
-            ]
-        )
+        self.emit([Event(self.conn, "eof", side, message=f"{who} closed its side")])
         self.emit(self.observer.closed(side))
         self.changed.set()
         try:

@@ -134,3 +134,68 @@ def served(target: str) -> Iterator[str]:
     argv = [sys.executable, "-m", "triomilter", "serve", target, "--socket", spec]
     with process(argv, port):
         yield spec
+
+
+class TapProcess:
+    """A running ``triomilter tap --json``: where the MTA connects, and its output so far."""
+
+    def __init__(self, spec: str, out: Path, proc: subprocess.Popen[bytes]) -> None:
+        self.spec = spec
+        self.out = out
+        self.proc = proc
+        self.status: int | None = None
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every complete JSON line written so far."""
+        lines = self.out.read_bytes().split(b"\n")
+        return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+    def wait_for(self, kind: str, count: int = 1) -> list[dict[str, Any]]:
+        """Wait (bounded) until ``count`` events of type ``kind`` were written."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            found = [e for e in self.events() if e["type"] == kind]
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{count} x {kind!r} expected; got:\n{self.events()}")
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        """SIGTERM, and the exit status (0 expected)."""
+        if self.status is None:
+            self.proc.terminate()
+            try:
+                self.status = self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.status = self.proc.wait(10)
+        return self.status
+
+
+@contextlib.contextmanager
+def tap(milter: str, *options: str) -> Iterator[TapProcess]:
+    """``triomilter tap --json`` on a free port in front of ``milter`` (a socket spec)."""
+    port = free_port()
+    spec = f"inet:{port}@127.0.0.1"
+    directory = Path(tempfile.mkdtemp(prefix="tap-"))
+    out, log = directory / "out.jsonl", directory / "stderr.log"
+    argv = [sys.executable, "-m", "triomilter", "tap", "--listen", spec, "--milter", milter]
+    with open(out, "wb") as stdout, open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [*argv, "--json", *options],
+            cwd=REPO,
+            env=cli_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    tapped = TapProcess(spec, out, proc)
+    try:
+        wait_listening(port, proc, log)
+        yield tapped
+    finally:
+        tapped.stop()
+        for path in (out, log):
+            path.unlink(missing_ok=True)
+        directory.rmdir()
