@@ -10,7 +10,15 @@ from typing import cast
 import pytest
 import trio
 
-from triomilter._tap import MAX_DECODED, Event, Framer, Observer, Output, format_json, format_text
+from triomilter._tap import Output
+from triomilter._tap_observer import (
+    MAX_DECODED,
+    Event,
+    Framer,
+    Observer,
+    format_json,
+    format_text,
+)
 from triomilter.protocol import (
     ABORT,
     ALL_ACTIONS,
@@ -111,18 +119,18 @@ def test_a_clean_session_in_any_split() -> None:
             "ABORT",
             "QUIT",
         ]
-        by_name = {e.name: e for e in events if e.kind == "command"}
-        assert by_name["CONNECT"].macros == {"j": "mx", "{daemon_name}": "mx"}
-        assert by_name["CONNECT"].args == {
+        by_name = {e.name: e.describe() for e in events if e.kind == "command"}
+        assert by_name["CONNECT"][1] == {"j": "mx", "{daemon_name}": "mx"}
+        assert by_name["CONNECT"][0] == {
             "hostname": "mx.example",
             "family": "INET",
             "port": 25,
             "address": "192.0.2.1",
         }
-        assert by_name["HEADER"].args == {"name": "Subject", "value": "hello \\xff"}
-        assert by_name["MAIL"].args == {"args": ["<a@example.org>", "SIZE=10"]}
-        assert by_name["BODY"].args == {"size": 70000}  # streamed past, never held
-        assert by_name["OPTNEG"].args["protocol"] == "ALL (0x1fffff)"
+        assert by_name["HEADER"][0] == {"name": "Subject", "value": "hello \\xff"}
+        assert by_name["MAIL"][0] == {"args": ["<a@example.org>", "SIZE=10"]}
+        assert by_name["BODY"][0] == {"size": 70000}  # streamed past, never held
+        assert by_name["OPTNEG"][0]["protocol"] == "ALL (0x1fffff)"
         answers = [(e.name, e.answers) for e in events if e.kind == "reply"]
         assert answers[-3:] == [("ADDHEADER", "EOM"), ("PROGRESS", "EOM"), ("CONTINUE", "EOM")]
         assert all(e.ms is not None for e in events if e.kind == "reply")
@@ -182,7 +190,7 @@ def test_changes_need_their_action_and_end_of_message() -> None:
 def test_unknown_codes_malformed_and_empty_packets() -> None:
     observer = session()
     events = observer.from_mta(packet(ord("Z"), b"junk") + packet(ord("C"), b"no-nul"), 0.0)
-    assert [(e.name, e.message) for e in events] == [
+    assert [(e.name, e.describe()[2]) for e in events] == [
         ("unknown command 'Z'", "malformed: unknown command b'Z' is not a milter command"),
         ("CONNECT", "malformed: CONNECT ('C'): expected hostname\\0 and a family byte"),
     ]
@@ -202,8 +210,9 @@ def test_oversized_packets_are_counted_not_held() -> None:
     for start in range(0, len(huge), 4096):
         events += observer.from_mta(huge[start : start + 4096], 0.0)
     (event,) = events
-    assert event.args == {"size": MAX_DECODED + 9}
-    assert event.message == f"not decoded: more than {MAX_DECODED} data bytes"
+    args, _, note = event.describe()
+    assert args == {"size": MAX_DECODED + 9}
+    assert note == f"not decoded: more than {MAX_DECODED} data bytes"
 
 
 def test_garbage_is_framed_anyway() -> None:
@@ -250,9 +259,9 @@ def test_macros_of_a_command_that_did_not_come() -> None:
         DefineMacros(ord("H"), ()).encode() + DefineMacros(ord("M"), ((b"i", b"Q1"),)).encode(),
         0.0,
     )
-    assert [(e.name, e.args, e.macros) for e in events] == [("MACRO", {"for": "HELO"}, {})]
+    assert [(e.name, *e.describe()) for e in events] == [("MACRO", {"for": "HELO"}, {}, "")]
     events = observer.from_mta(Mail((b"<a@b>",)).encode(), 0.0)
-    assert events[0].macros == {"i": "Q1"}
+    assert events[0].describe()[1] == {"i": "Q1"}
     events = observer.from_mta(Helo(b"x").encode(), 1.0)
     assert "HELO sent, but the milter negotiated NO_HELO" in violations(events)
 
@@ -274,7 +283,7 @@ def test_framer_any_split() -> None:
 
 
 def test_text_and_json_lines() -> None:
-    event = Event(3, "reply", "milter", "REPLYCODE", "y", {"text": "550 no"}, answers="RCPT")
+    event = Event(3, "reply", "milter", ord("y"), b"550 no\0", 7, answers="RCPT")
     event.ms, event.slow, event.time = 12.5, True, 0.25
     assert format_text(event).endswith(" #3 <MIL  REPLYCODE text='550 no' [12.50 ms SLOW]")
     assert format_json(event) == (
