@@ -842,6 +842,7 @@ class _Body:
         self.ms = 0.0
         self.reply: StepReply | None = None
         self.stopped = False
+        self.macros: dict[str, str] | None = None
 
     async def run(self) -> bool:
         """True if the milter decided the message during the body."""
@@ -866,6 +867,8 @@ class _Body:
     async def _send(self, chunk: bytes) -> None:
         book = self.conn.book
         macros = book.at(self.stage) if self.stage is not None else None
+        if self.macros is None and macros:
+            self.macros = dict(macros)  # (the first chunk's: the same for every chunk)
         started = trio.current_time()
         reply = await self.conn.client.body(chunk, macros=macros)
         self.reply = reply
@@ -881,7 +884,7 @@ class _Body:
     def _record(self) -> bool:
         record = self.record
         reply = self.reply
-        step = StepRecord("body", [str(record.body_size).encode()])
+        step = StepRecord("body", [str(record.body_size).encode()], self.macros)
         record.steps.append(step)
         if reply is None:
             step.sent, step.note = False, "empty body: nothing to send"

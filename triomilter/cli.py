@@ -6,10 +6,11 @@ ATTR names a `Milter` object in it; without ATTR the module's ``milter``
 attribute (or its only `Milter` object) is used, else a `Milter` is built
 from the module's decorated handlers (``Milter.from_module``).
 
-Exit status: 0 after a shutdown, 1 when the milter cannot start, 2 for
-usage errors (a milter that cannot be loaded included), 70 (EX_SOFTWARE)
-after a handler panic, 128 + the signal number after a forced stop (a
-second SIGTERM: 143, SIGINT: 130).
+Exit status of ``serve``: 0 after a shutdown, 1 when the milter cannot
+start, 2 for usage errors (a milter that cannot be loaded included), 70
+(EX_SOFTWARE) after a handler panic, 128 + the signal number after a forced
+stop (a second SIGTERM: 143, SIGINT: 130). ``check`` exits with its verdict
+(``_check_cli``), ``tap`` as ``_tap`` says; both use 2 for usage errors.
 """
 
 from __future__ import annotations
