@@ -202,9 +202,9 @@ class MessageParser:
         return events
 
     def end(self) -> list[Event]:
-        """The input ended."""
+        """The input ended (an empty input is one empty message)."""
         if self._state == "start":
-            return []
+            return [MessageStart(), HeadersEnd(b""), MessageEnd()]
         self._held = None  # mbox: the last message's separator
         return self._finish()
 

@@ -50,6 +50,8 @@ log = logging.getLogger("triomilter")
 RECEIVE_SIZE = 65536
 LINGER = 0.02
 """Seconds the writer waits for more lines before a write (fewer, larger writes)."""
+FLUSH_TIMEOUT = 2.0
+"""Seconds the last lines may take to be written when the tap stops."""
 _SLICE = 16
 """Events formatted between two checkpoints of the writer."""
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -86,7 +88,7 @@ class Output:
                 self.dropped += 1
 
     async def run(self) -> None:
-        """Write lines until cancelled; then what is queued (bounded by the queue size)."""
+        """Write lines until cancelled; then what is queued, for at most `FLUSH_TIMEOUT`."""
         batch: list[Event] = []
         try:
             while True:
@@ -96,7 +98,9 @@ class Output:
                 await self._write(batch)
                 batch = []
         finally:
-            with trio.CancelScope(shield=True):
+            # Bounded: a reader that stopped reading must not keep the tap from exiting.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FLUSH_TIMEOUT
                 await self._write(batch + self._drain())
 
     def _drain(self) -> list[Event]:
@@ -114,7 +118,9 @@ class Output:
         for start in range(0, len(events), _SLICE):
             lines += [self.formatter(event) + "\n" for event in events[start : start + _SLICE]]
             await trio.lowlevel.checkpoint()  # the forwarding goes first: a slice at a time
-        await trio.to_thread.run_sync(self._write_sync, "".join(lines))
+        # A write blocked on a full pipe is abandoned on cancellation (its thread
+        # finishes or not on its own): the forwarding never waits for it.
+        await trio.to_thread.run_sync(self._write_sync, "".join(lines), abandon_on_cancel=True)
 
     def _write_sync(self, text: str) -> None:
         try:

@@ -98,6 +98,10 @@ def test_a_line_that_is_no_header_starts_the_body() -> None:
     assert body(events)[1] == b"this is not a header\r\nmore\r\n"
 
 
+def test_an_empty_input_is_an_empty_message() -> None:
+    assert parse(b"") == [MessageStart(), HeadersEnd(b""), MessageEnd()]
+
+
 def test_headers_only() -> None:
     events = parse(b"Subject: x\n")
     assert fields(events) == [(b"Subject", b" x")]

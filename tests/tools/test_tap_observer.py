@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 import trio
 
-from triomilter._tap import Output
+from triomilter._tap import FLUSH_TIMEOUT, Output
 from triomilter._tap_observer import (
     MAX_DECODED,
     Event,
@@ -331,3 +331,16 @@ async def test_output_drops_lines_rather_than_wait(blocking: _Blocking) -> None:
     assert "line(s) dropped: output too slow" in text
     assert text.rstrip().endswith("after")
     assert text.count("line ") < 50
+
+
+async def test_output_stops_even_if_the_reader_never_reads(blocking: _Blocking) -> None:
+    """A write stuck on a full pipe neither blocks the events nor the tap's exit."""
+    output = Output(blocking, format_text, size=5)
+    with trio.fail_after(FLUSH_TIMEOUT + 5):  # a bound, not a measurement
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(output.run)
+            output.emit([Event(1, "open", message="stuck")])
+            await trio.testing.wait_all_tasks_blocked()  # the writer waits in its write
+            output.emit([Event(1, "open", message=f"line {n}") for n in range(20)])
+            nursery.cancel_scope.cancel()
+    assert output.dropped > 0
