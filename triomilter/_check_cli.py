@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import trio
 
-from ._check import EXIT_STATUS, CheckOptions, CheckReport, MessageRecord, Verdict, run_check
+from ._check import EXIT_STATUS, CheckOptions, CheckReport, MessageRecord, Verdict
 from ._check import parse_client_address as _parse_client_address
 from ._check_output import (
     diff_message,
@@ -22,6 +22,7 @@ from ._check_output import (
     write_delivered,
     write_mbox,
 )
+from ._check_run import run_check
 from ._delivery import Mta
 from ._mail import MessageError
 from ._milter import Milter
