@@ -80,6 +80,7 @@ from .testing import (
     open_unix,
 )
 
+
 def _no_nul(data: bytes) -> bytes:
     # Commands cannot carry a NUL (the strings are NUL-terminated): MTAs drop them.
     return data.replace(b"\0", b"")
