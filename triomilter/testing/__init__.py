@@ -21,7 +21,9 @@ its parts, ``sent``); `MilterClient.eom` returns an `EomReply` with the
 ordered ``modifications`` and matchers (``has_added_header`` ...) taking
 exact values, `ANY`, compiled regexes or predicates. The client negotiates
 like Postfix 3.x by default and honours ``NO_*``, ``NOREPLY_*`` and SKIP like
-a real MTA. With pytest (and pytest-trio), the fixtures of
+a real MTA; `POSTFIX_MACROS`, `SENDMAIL_MACROS` and the ``SENDMAIL_*`` offer
+describe the two MTAs (``triomilter check`` imitates them with this client).
+With pytest (and pytest-trio), the fixtures of
 `triomilter.testing.pytest_plugin` open sessions for you.
 """
 
