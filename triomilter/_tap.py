@@ -27,6 +27,7 @@ every connection has an idle timeout, connecting to the milter a timeout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import itertools
 import logging
@@ -355,14 +356,30 @@ async def run_tap(
     """
     output = Output(stream, format_json if options.json else format_text, options.max_queue)
     tap = Tap(options, output)
-    listener = await open_listener(_parse_socket_spec(options.listen))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(output.run)
-        if handle_signals:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        address = await nursery.start(tap.serve, listener)
-        log.info("tap listening on %s, forwarding to %s", describe_address(address), tap.milter)
-        task_status.started(address)
+    spec = _parse_socket_spec(options.listen)
+    listener = await open_listener(spec)
+    socket_file = _file_id(spec.path) if spec.path else None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(output.run)
+            if handle_signals:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            address = await nursery.start(tap.serve, listener)
+            log.info("tap listening on %s, forwarding to %s", describe_address(address), tap.milter)
+            task_status.started(address)
+    finally:
+        # Our UNIX socket file goes with us (not one a successor bound meanwhile).
+        if socket_file is not None and _file_id(spec.path) == socket_file:
+            with contextlib.suppress(OSError):
+                os.unlink(spec.path)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -8,9 +8,11 @@ front of the tap is in tests/e2e/test_postfix_tap.py.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -365,3 +367,38 @@ def test_an_address_in_use_exits_1() -> None:
         )
     assert run.code == 1, run.stderr
     assert "cannot listen on" in run.stderr
+
+
+def test_unix_sockets_both_sides(message: Path) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="tm-", dir="/tmp"))  # short: 107 bytes at most
+    listen, milter = directory / "tap.sock", directory / "milter.sock"
+    serve = [sys.executable, "-m", "triomilter", "serve", "examples/header_tagger.py"]
+    tap_argv = [sys.executable, "-m", "triomilter", "tap", "--json"]
+    with open(directory / "log", "wb") as log:
+        procs = [
+            subprocess.Popen(
+                [*serve, "--socket", f"unix:{milter}"], cwd=REPO, env=cli_env(), stderr=log
+            ),
+            subprocess.Popen(
+                [*tap_argv, "--listen", f"unix:{listen}", "--milter", f"unix:{milter}"],
+                cwd=REPO,
+                env=cli_env(),
+                stdout=log,
+                stderr=log,
+            ),
+        ]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (listen.exists() and milter.exists()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run = triomilter("check", "--connect", f"unix:{listen}", str(message), "-q")
+        assert run.code == 0, run.text + (directory / "log").read_text()
+        assert "accepted, 1 change" in run.text
+    finally:
+        for proc in procs:
+            proc.terminate()
+        codes = [proc.wait(10) for proc in procs]
+    assert codes == [0, 0]
+    assert not listen.exists()  # the tap removed its socket file
+    assert '"message": "connection from a UNIX socket"' in (directory / "log").read_text()
+    shutil.rmtree(directory)
