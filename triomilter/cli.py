@@ -1,4 +1,4 @@
-"""The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC``.
+"""The command line: ``triomilter serve MODULE[:ATTR] --socket SPEC``, ``check``, ``tap``.
 
 MODULE is an importable module name or a path to a ``.py`` file (imported
 like ``python FILE`` runs it: its directory comes first on ``sys.path``).
@@ -6,10 +6,11 @@ ATTR names a `Milter` object in it; without ATTR the module's ``milter``
 attribute (or its only `Milter` object) is used, else a `Milter` is built
 from the module's decorated handlers (``Milter.from_module``).
 
-Exit status: 0 after a shutdown, 1 when the milter cannot start, 2 for
-usage errors (a milter that cannot be loaded included), 70 (EX_SOFTWARE)
-after a handler panic, 128 + the signal number after a forced stop (a
-second SIGTERM: 143, SIGINT: 130).
+Exit status of ``serve``: 0 after a shutdown, 1 when the milter cannot
+start, 2 for usage errors (a milter that cannot be loaded included), 70
+(EX_SOFTWARE) after a handler panic, 128 + the signal number after a forced
+stop (a second SIGTERM: 143, SIGINT: 130). ``check`` exits with its verdict
+(``_check_cli``), ``tap`` as ``_tap`` says; both use 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import trio
 
+from ._check_cli import add_check_parser, check_command
 from ._errors import ForcedShutdown, MilterPanic
 from ._logging import configure as configure_logging
 from ._metrics import Metrics
@@ -36,6 +38,7 @@ from ._milter import Milter
 from ._options import ServerOptions
 from ._sockets import SocketSpecError, listener_from_fd, open_listener, parse_socket_spec
 from ._systemd import SystemdError, listen_fds
+from ._tap import add_tap_parser, tap_command
 
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
@@ -188,9 +191,8 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="processes sharing the listening socket (1)"
     )
     _add_server_options(run)
-    check = commands.add_parser("check", help="load a milter and show its configuration")
-    check.add_argument("target", metavar="MODULE[:ATTR]")
-    check.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
+    add_check_parser(commands)
+    add_tap_parser(commands)
     return parser
 
 
@@ -206,15 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"triomilter: unknown log level {args.log_level!r}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(named, getattr(args, "log_format", "text"))
+    if args.command == "tap":
+        return tap_command(args)
     try:
+        if args.command == "check":
+            return check_command(args, load_milter)
         milter = load_milter(args.target)
     except LoadError as exc:
         print(f"triomilter: {exc}", file=sys.stderr)
         if named <= logging.DEBUG and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
-        return _check(milter)
     return _serve(args, milter)
 
 
@@ -298,14 +302,6 @@ async def _run(
 def _http_address(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _check(milter: Milter[Any, Any]) -> int:
-    print(f"milter {milter.name!r}")
-    print(f"  handlers: {', '.join(stage.value for stage in milter.handlers)}")
-    print(f"  actions: {milter.actions!r}")
-    print(f"  protocol options: {milter.protocol_opts!r} (+ {milter.unhandled_steps!r})")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

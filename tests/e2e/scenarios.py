@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import smtplib
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -35,6 +37,7 @@ from triomilter._handlers import AnyHandler
 
 from ._milter_runner import Recorder, header_values
 from .capture import CapturedMessage
+from .raw_milter import Packet, packet
 
 SENDER = "sender@example.test"
 
@@ -426,3 +429,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+# -- header indexes: what `triomilter check` must predict ------------------------
+
+INSERT_MESSAGE = (
+    b"From: a@example.org\r\nDate: Wed, 31 Dec 2025 23:00:00 +0000\r\nSubject: s\r\n\r\nx\r\n"
+)
+
+
+def inserting(conn: socket.socket, pkt: Packet) -> bytes | None:
+    """At end of message: headers inserted at indexes all around the MTA's own, and one changed."""
+    if pkt.code != b"E":
+        return None
+    order = [5, 1, 3, 0, 12, 2, 7, 4, 9]
+    inserts = [packet(b"i", struct.pack(">I", n) + b"X-At-%d\0v\0" % n) for n in order]
+    change = packet(b"m", struct.pack(">I", 1) + b"Date\0Thu, 01 Jan 2026 00:00:00 +0000\0")
+    return b"".join(inserts) + change + packet(b"c")

@@ -21,7 +21,9 @@ its parts, ``sent``); `MilterClient.eom` returns an `EomReply` with the
 ordered ``modifications`` and matchers (``has_added_header`` ...) taking
 exact values, `ANY`, compiled regexes or predicates. The client negotiates
 like Postfix 3.x by default and honours ``NO_*``, ``NOREPLY_*`` and SKIP like
-a real MTA. With pytest (and pytest-trio), the fixtures of
+a real MTA; `POSTFIX_MACROS`, `SENDMAIL_MACROS` and the ``SENDMAIL_*`` offer
+describe the two MTAs (``triomilter check`` imitates them with this client).
+With pytest (and pytest-trio), the fixtures of
 `triomilter.testing.pytest_plugin` open sessions for you.
 """
 
@@ -37,6 +39,13 @@ from ._client import (
 )
 from ._errors import MilterClosed, MilterTimeout
 from ._matchers import ANY, AnyValue, BodyMatcher, IndexMatcher, Matcher
+from ._mtas import (
+    POSTFIX_MACROS,
+    SENDMAIL_ACTIONS,
+    SENDMAIL_MACROS,
+    SENDMAIL_OPTS,
+    SENDMAIL_VERSION,
+)
 from ._open import open_client, open_in_memory, open_stream, open_tcp, open_unix
 from ._results import (
     AddHeader,
@@ -58,8 +67,13 @@ __all__ = [
     "HandlerContext",
     "DEFAULT_TIMEOUT",
     "POSTFIX_ACTIONS",
+    "POSTFIX_MACROS",
     "POSTFIX_OPTS",
     "POSTFIX_VERSION",
+    "SENDMAIL_ACTIONS",
+    "SENDMAIL_MACROS",
+    "SENDMAIL_OPTS",
+    "SENDMAIL_VERSION",
     "AddHeader",
     "AddRecipient",
     "Address",
