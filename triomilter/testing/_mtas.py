@@ -44,6 +44,7 @@ POSTFIX_MACROS: Mapping[MacroStage, tuple[str, ...]] = MappingProxyType(
 """Postfix 3.x's default macro list per stage (``milter_connect_macros`` ...)."""
 
 SENDMAIL_VERSION = 6
+"""The milter protocol version Sendmail 8.14+ speaks."""
 SENDMAIL_ACTIONS = ALL_ACTIONS
 """What Sendmail 8.14+ offers: every action."""
 SENDMAIL_OPTS = ALL_PROTOCOL_OPTS
