@@ -71,10 +71,12 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
             try:
                 step = coro.send(None)
             except StopIteration as done:
-                step, result = _DONE, done.value
-            _ran(session, handler, _perf_counter() - started, step is _DONE)
-            if step is _DONE:
-                return result
+                # Returned without waiting: the common case, kept to a clock read.
+                held = _perf_counter() - started
+                if held > session.stall_warning or session.metrics is not None:
+                    _ran(session, handler, held, True)
+                return done.value
+            _ran(session, handler, _perf_counter() - started, False)
             return await _finish(session, handler, _drive(session, handler, coro, step))
         if handler.blocking:
             return await _finish(session, handler, _in_thread(session, handler, args))
@@ -97,9 +99,6 @@ async def call(session: Session, handler: AnyHandler, args: tuple[object, ...]) 
         if cancelled is not None:
             raise cancelled from None
         return outcome
-
-
-_DONE: Any = object()
 
 
 def _what_follows(session: Session) -> str:

@@ -129,7 +129,17 @@ class SocketTransport(Transport):
         if self._torn:
             raise trio.BrokenResourceError("an earlier write stopped in the middle of a packet")
         fd = self._fd
-        view = memoryview(data)
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _broken(exc) from exc
+        if sent == len(data):  # the common case: a reply fits the socket buffer at once
+            self.io_count += 1
+            self._replied = True
+            return
+        view = memoryview(data)[sent:]
         while view:
             try:
                 sent = os.write(fd, view)
