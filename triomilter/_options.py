@@ -18,7 +18,7 @@ from ._milter import DEFAULT_EOM_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, Milter
 from .protocol import MAX_DATA_SIZE
 
 DEFAULT_MAX_CONNECTIONS = 10_000
-"""About 100 MiB of idle connections at ~10 KiB each (benchmarks W5): what a
+"""About 80 MiB of idle connections at ~8 KiB each (benchmarks W5): what a
 milter host next to one MTA needs, far below what exhausts it."""
 
 
