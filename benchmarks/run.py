@@ -183,6 +183,12 @@ WORKLOADS: dict[str, Workload] = {
             quickack=True,
         ),
         Workload(
+            "W1q-1000",
+            "W1 --quickack: as W1-1000, generator ACKs partial replies at once",
+            1000,
+            quickack=True,
+        ),
+        Workload(
             "W2-10",
             "W2: only end of message handled (NO_* for the rest), 10 connections",
             10,
