@@ -15,7 +15,6 @@ import logging
 import os
 import resource
 import signal
-import socket as stdsocket
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from ._options import Limits, ServerOptions, ServerOptionsKwargs
 from ._session import ServerState, refuse_connection, serve_connection
 from ._sockets import describe_address, open_listener, parse_socket_spec
 from ._systemd import Notifier
+from ._transport import close_stream
 
 log = logging.getLogger("triomilter")
 
@@ -270,14 +270,10 @@ class _Server:
 
     async def _connection(self, stream: trio.abc.Stream, connection_id: str) -> None:
         try:
-            if isinstance(stream, trio.SocketStream) and stream.socket.family != stdsocket.AF_UNIX:
-                # Trio sets it already; the latency of every reply depends on it.
-                # A peer that already reset the connection makes it fail (EINVAL
-                # on macOS): that must not escape and stop the server.
-                with contextlib.suppress(OSError):
-                    stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("[%s] connection from %s", connection_id, _peer(stream))
+            # TCP_NODELAY, on which the latency of every reply depends, is set
+            # by trio.SocketStream itself (setting it again cost 0.6 % of W3).
+            if log.isEnabledFor(logging.DEBUG) and isinstance(stream, trio.SocketStream):
+                log.debug("[%s] connection from %s", connection_id, _peer(stream))
             await serve_connection(
                 self.milter, stream, self.state, self.limits, connection_id, self.root
             )
@@ -303,7 +299,7 @@ class _Server:
             )
         self.refused += 1
         if self.refusing >= _REFUSING_AT_ONCE:
-            self.root.start_soon(_close, stream)
+            self.root.start_soon(close_stream, stream)
             return
         self.refusing += 1
         self.root.start_soon(self._refusal, stream, connection_id)
@@ -403,11 +399,6 @@ class _Server:
     async def _watch_event(self, shutdown: trio.Event) -> None:
         await shutdown.wait()
         await self._drain()
-
-
-async def _close(stream: trio.abc.Stream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
-        await stream.aclose()
 
 
 def _tune_gc() -> None:

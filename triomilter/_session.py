@@ -32,7 +32,7 @@ from ._options import Limits, ServerOptions
 from ._stage import STAGE_OF_COMMAND, Stage
 from ._status import Err, Ok, Status, reply_for
 from ._tasks import ConnectionTasks
-from ._transport import IoDeadline, WriteQueue, transport_for
+from ._transport import IoDeadline, WriteQueue, close_stream, transport_for
 from .protocol import (
     CONTINUE,
     NEED_DATA,
@@ -916,8 +916,7 @@ async def serve_connection(
         session.end()
         if metrics is not None:
             metrics.connection_closed()
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.aclose()
+        await close_stream(stream)
 
 
 async def refuse_connection(stream: trio.abc.Stream, connection_id: str) -> None:
@@ -950,5 +949,4 @@ async def refuse_connection(stream: trio.abc.Stream, connection_id: str) -> None
     except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("[%s] refused connection ended: %s", connection_id, exc)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.aclose()
+        await close_stream(stream)
