@@ -46,13 +46,11 @@ async def test_mta_gone_while_changes_are_written_ends_only_that_connection() ->
     """ConnectionLost in a Status handler is not a panic: the MTA went away."""
     from triomilter import Actions, on_close, on_eom, serve
     from triomilter.protocol import (
+        ALL_ACTIONS,
         ALL_PROTOCOL_OPTS,
         EndOfMessage,
         MtaConnection,
         OptionNegotiation,
-    )
-    from triomilter.protocol import (
-        Actions as WireActions,
     )
 
     closed = trio.Event()
@@ -80,9 +78,7 @@ async def test_mta_gone_while_changes_are_written_ends_only_that_connection() ->
             )
             stream = await trio.open_tcp_stream(host, port)
             mta = MtaConnection()
-            await stream.send_all(
-                mta.send(OptionNegotiation(6, WireActions(0x1FF), ALL_PROTOCOL_OPTS))
-            )
+            await stream.send_all(mta.send(OptionNegotiation(6, ALL_ACTIONS, ALL_PROTOCOL_OPTS)))
             while mta.awaiting is not None:
                 mta.receive_data(await stream.receive_some())
                 mta.next_event()
@@ -96,9 +92,7 @@ async def test_mta_gone_while_changes_are_written_ends_only_that_connection() ->
             # The server still serves.
             other = await trio.open_tcp_stream(host, port)
             mta2 = MtaConnection()
-            await other.send_all(
-                mta2.send(OptionNegotiation(6, WireActions(0x1FF), ALL_PROTOCOL_OPTS))
-            )
+            await other.send_all(mta2.send(OptionNegotiation(6, ALL_ACTIONS, ALL_PROTOCOL_OPTS)))
             assert await other.receive_some()
             await other.aclose()
             nursery.cancel_scope.cancel()
