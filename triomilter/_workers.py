@@ -13,7 +13,13 @@ socket cannot be grouped that way and is shared. The parent only supervises:
   drains); a second one as SIGINT (every worker stops at once);
 - a worker that exits while the others serve stops the set: the others are
   drained and stopped; a worker's panic (exit 70) makes the parent exit 70;
-- the parent removes the UNIX socket file when all are gone.
+- the parent removes the UNIX socket file when all are gone;
+- under systemd (``Type=notify``) the parent speaks for the set: each
+  worker notifies a private socket of the parent's, the parent says
+  ``READY=1`` once every worker did, and ``WATCHDOG=1`` only while every
+  worker's event loop keeps pinging, so that one blocked worker gets the
+  whole service restarted (with ``NotifyAccess=all`` any one worker's
+  ping would keep a blocked sibling alive).
 
 Workers run in their own sessions: a terminal's Ctrl-C (sent to the whole
 foreground process group) reaches only the parent, which forwards it once;
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket as stdsocket
 import sys
@@ -141,12 +148,60 @@ def _unlink_ours(spec: SocketSpec) -> None:
             os.unlink(spec.path)
 
 
+class _Reports:
+    """What the workers notify, each on a datagram socket of the parent's.
+
+    A worker is started with ``NOTIFY_SOCKET`` naming its own socket (an
+    abstract one: nothing to clean up) and half the parent's
+    ``WATCHDOG_USEC``, so it pings twice per round of the parent's.
+    """
+
+    def __init__(self, count: int, watchdog_usec: int | None) -> None:
+        token = secrets.token_hex(6)
+        self.addresses = [f"@triomilter-{os.getpid()}-{token}-{n}" for n in range(count)]
+        self.sockets: list[trio.socket.SocketType] = []
+        self.watchdog_usec = watchdog_usec
+        self.ready = [False] * count
+        self.pinged = [False] * count
+        self.all_ready = trio.Event()
+
+    def open(self) -> None:
+        for address in self.addresses:
+            sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_DGRAM)
+            sock.bind("\0" + address[1:])
+            self.sockets.append(trio.socket.from_stdlib_socket(sock))
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def environment(self, base: dict[str, str], n: int) -> dict[str, str]:
+        env = {**base, "NOTIFY_SOCKET": self.addresses[n]}
+        if self.watchdog_usec:
+            env["WATCHDOG_USEC"] = str(max(self.watchdog_usec // 2, 1))
+        return env
+
+    async def listen(self, n: int) -> None:
+        while True:
+            lines = (await self.sockets[n].recv(4096)).split(b"\n")
+            if b"WATCHDOG=1" in lines:
+                self.pinged[n] = True
+            if b"READY=1" in lines and not self.ready[n]:
+                self.ready[n] = True
+                if all(self.ready):
+                    self.all_ready.set()
+
+
 class _Supervisor:
     def __init__(self, workers: list[tuple[list[str], list[int]]]) -> None:
         self.workers = workers
         """Each worker's command line and the descriptors it is given."""
         self.count = len(workers)
         self.notifier = Notifier.from_environment()
+        self.reports: _Reports | None = None
+        if self.notifier is not None:
+            usec = self.notifier.watchdog_interval
+            self.reports = _Reports(self.count, round(usec * 2_000_000) if usec else None)
         self.procs: list[trio.Process] = []
         self.signals_forwarded = 0
         self.forced: int | None = None
@@ -154,10 +209,23 @@ class _Supervisor:
         self.failed: list[int] = []
 
     async def run(self, where: str) -> int:
+        if self.reports is None:
+            return await self._run(where)
+        self.reports.open()
+        try:
+            return await self._run(where)
+        finally:
+            self.reports.close()
+
+    async def _run(self, where: str) -> int:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 env = child_environment()  # systemd talks to us, not to them
-                for argv, fds in self.workers:
+                reports = self.reports
+                if reports is not None:
+                    for n in range(self.count):
+                        nursery.start_soon(reports.listen, n)
+                for n, (argv, fds) in enumerate(self.workers):
                     proc: trio.Process = await nursery.start(
                         partial(
                             trio.run_process,
@@ -166,7 +234,7 @@ class _Supervisor:
                             start_new_session=True,
                             check=False,
                             stdin=None,
-                            env=env,
+                            env=env if reports is None else reports.environment(env, n),
                         )
                     )
                     self.procs.append(proc)
@@ -180,9 +248,7 @@ class _Supervisor:
                     nursery.start_soon(self._watch, proc)
                 nursery.start_soon(self._forward, signals)
                 if self.notifier is not None:
-                    self.notifier.send("READY=1", f"STATUS={self.count} workers on {where}")
-                    if self.notifier.watchdog_interval:
-                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                    nursery.start_soon(self._notify_systemd, where)
                 await self._all_exited()
                 nursery.cancel_scope.cancel()
         return self._status()
@@ -204,12 +270,36 @@ class _Supervisor:
                 other.send_signal(signal.SIGTERM)
                 other.send_signal(signal.SIGINT)
 
-    async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 from the supervisor's loop (each worker's own loop is its own)."""
-        assert self.notifier is not None
+    async def _notify_systemd(self, where: str) -> None:
+        """READY=1 once every worker is serving; then WATCHDOG=1 while all of them ping."""
+        notifier, reports = self.notifier, self.reports
+        assert notifier is not None and reports is not None
+        await reports.all_ready.wait()
+        if not self.stopping:
+            notifier.send("READY=1", f"STATUS={self.count} workers on {where}")
+        interval = notifier.watchdog_interval
+        if not interval:
+            return
+        warned = False
         while True:
             await trio.sleep(interval)
-            self.notifier.send("WATCHDOG=1")
+            # Draining workers stop on their own deadlines: no need to judge them.
+            if all(reports.pinged) or self.stopping:
+                notifier.send("WATCHDOG=1")
+                reports.pinged = [False] * self.count
+                if warned:
+                    log.info("every worker pings its watchdog again")
+                    warned = False
+            elif not warned:
+                warned = True
+                pinged = zip(self.procs, reports.pinged, strict=False)
+                silent = (proc.pid for proc, ok in pinged if not ok)
+                log.warning(
+                    "worker(s) %s did not ping their watchdog for %.1f s (event loop "
+                    "blocked?): not pinging systemd's, which restarts the service if it lasts",
+                    " ".join(map(str, silent)),
+                    interval,
+                )
 
     async def _forward(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:

@@ -4,12 +4,15 @@
 message with the serving process id (``X-Pid``) and the client's host name
 (``X-Client``), so a test can tell which ``--workers`` process answered, and
 panics on ``HELO panic`` (``RuntimeError("boom")``) so a test can crash a
-worker.
+worker. ``blocker`` blocks its whole event loop on ``HELO block:PATH`` (as
+a synchronous DNS lookup would) until the file PATH exists.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from triomilter import (
     Actions,
@@ -84,3 +87,18 @@ milter = Milter(
     handlers=[connect, helo, mail, rcpt, data, header, eoh, body, eom],
     actions=Actions.ADD_HEADER,
 )
+
+
+@on_helo
+def helo_blocking(ctx: Context[None], hostname: str) -> Status:
+    """``block:PATH``: hold the event loop until PATH exists (at most a minute)."""
+    if hostname.startswith("block:"):
+        release = Path(hostname.removeprefix("block:"))
+        Path(f"{release}.blocked").touch()
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return Status.CONTINUE
+
+
+blocker = Milter("blocker", handlers=[helo_blocking])

@@ -44,6 +44,16 @@ class NotifySocket:
         await self.sock.bind(str(self.path))
         return self
 
+    def drain(self) -> list[str]:
+        """Take every notification already queued (without waiting); their lines."""
+        lines: list[str] = []
+        while True:
+            try:
+                data = os.read(self.sock.fileno(), 4096)  # one datagram; trio's is non-blocking
+            except BlockingIOError:
+                return lines
+            lines += data.decode().split("\n")
+
     async def until(self, line: str) -> list[str]:
         """Receive notifications until one carries ``line``; all lines so far."""
         with trio.fail_after(TIMEOUT):
@@ -129,6 +139,42 @@ async def test_ready_status_watchdog_stopping_in_order(
     assert await proc.wait() == 0, proc.output()
     assert lines.index("READY=1") < lines.index("WATCHDOG=1") < lines.index("STOPPING=1")
     assert any(line.startswith("STATUS=") for line in lines)
+
+
+@needs_socket_activate
+async def test_workers_watchdog_stops_while_one_worker_is_blocked(
+    spawn: Spawner, sock_dir: Path, tmp_path: Path
+) -> None:
+    """With --workers, systemd is pinged only while every worker's loop pings the parent."""
+    notify = await NotifySocket(sock_dir / "notify").bind()
+    port = free_port()
+    proc = spawn(
+        "-m", "triomilter", "serve", f"{MILTER}:blocker", "--socket", f"inet:{port}@127.0.0.1",
+        "--workers", "2",
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"},
+    )  # fmt: skip
+    await proc.wait_for_output("milter 'blocker' serving on", 2)
+    lines = await notify.until("WATCHDOG=1")
+    assert lines[0] == "READY=1"  # sent once both workers said they serve
+    release = tmp_path / "release"
+    async with trio.open_nursery() as nursery:
+        client = await RawMta.to(("127.0.0.1", port))
+        await client.negotiate()
+        await client.connect()
+        nursery.start_soon(client.helo, f"block:{release}")
+        await proc.wait_for_output("did not ping their watchdog")
+        # What was sent before the warning; after it, nothing while the worker is blocked.
+        notify.drain()
+        assert await trio.Path(f"{release}.blocked").exists()  # the worker is in the handler
+        await trio.sleep(1)  # five rounds of the parent's: none may ping
+        assert "WATCHDOG=1" not in notify.drain()
+        release.touch()
+    notify.messages.clear()
+    await notify.until("WATCHDOG=1")
+    await proc.wait_for_output("every worker pings its watchdog again")
+    await client.aclose()
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0, proc.output()
 
 
 async def test_no_notify_socket_sends_nothing(spawn: Spawner, sock_dir: Path) -> None:
