@@ -117,6 +117,16 @@ MILTERS: dict[str, MilterSpec] = {
             triomilter=True,
         ),
         MilterSpec(
+            "python-floor",
+            (str(VENV_PY), str(HERE / "peers" / "python_floor.py")),
+            "the no-op responder's logic in plain Python on epoll: the floor of a Python milter",
+        ),
+        MilterSpec(
+            "python-floor-trio",
+            (str(VENV_PY), str(HERE / "peers" / "python_floor.py"), "--trio"),
+            "the same loop as Trio tasks: the floor of a milter on Trio",
+        ),
+        MilterSpec(
             "pymilter",
             (str(VENV_PY), str(HERE / "peers" / "pymilter_bench.py")),
             "pymilter (libmilter, thread per connection)",
@@ -223,6 +233,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("W5", "W5: idle connections (negotiate + connect + helo, then hold)", idle=True),
     ]
 }
+DEFAULT_MILTERS = [m for m in MILTERS if not m.startswith("python-floor")]
+"""The floors are references for the question "what bounds a Python milter": on request."""
 DEFAULT_WORKLOADS = [
     *("W1-10", "W1-100", "W1-1000", "W1q-10", "W2-10", "W3-10", "W4-10"),
     *("W1u-10", "W1u-100", "W3u-10", "W5"),
@@ -984,7 +996,9 @@ def main() -> int:
         "--quick", action="store_true", help="few seconds per cell, 2,000 idle connections"
     )
     ap.add_argument(
-        "--milters", default=",".join(MILTERS), help=f"comma list of: {', '.join(MILTERS)}"
+        "--milters",
+        default=",".join(DEFAULT_MILTERS),
+        help=f"comma list of: {', '.join(MILTERS)} (default: {', '.join(DEFAULT_MILTERS)})",
     )
     ap.add_argument(
         "--workloads",
