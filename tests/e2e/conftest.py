@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import pytest
 
 from .capture import CaptureServer
+from .mta import Mta
 from .postfix import PrivatePostfix, postfix_missing_reason
 from .sendmail import PrivateSendmail, SendmailError, sendmail_missing_reason
 
@@ -203,6 +204,12 @@ def sendmail(
         if not sm.queue_is_empty():
             sm.restart()
             sm.delete_queue()
+
+
+@pytest.fixture(params=["postfix", "sendmail"])
+def mta(request: pytest.FixtureRequest) -> Mta:
+    """Postfix, then Sendmail (each the module's instance, reset): for tests behind either."""
+    return Mta(request.getfixturevalue(request.param))
 
 
 @pytest.fixture

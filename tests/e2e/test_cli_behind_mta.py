@@ -1,6 +1,7 @@
 """The milter process under real traffic: a handler panic and a graceful
-shutdown (SIGTERM), with ``python -m triomilter serve`` behind Postfix
-(``milter_default_action = tempfail``, the fixture's default).
+shutdown (SIGTERM), with ``python -m triomilter serve`` behind Postfix and
+behind Sendmail (each set to tempfail when the milter is unreachable:
+``milter_default_action = tempfail`` and ``F=T``, the fixtures' defaults).
 
 The promise to check: every message is either delivered *with* the milter's
 changes or refused with a 4xx; none is lost, none accepted unfiltered.
@@ -16,21 +17,20 @@ from pathlib import Path
 from ._milter_runner import CliMilter
 from .capture import CaptureServer
 from .cli_milters import GATE_ENV
-from .postfix import PrivatePostfix
+from .mta import Mta
 from .scenarios import SENDER, Outcome, send_data, send_message
 from .scenarios import filtered as _filtered
 from .scenarios import subject_of as _subject
 from .scenarios import wait_until as _wait_until
 
 CLI_MILTERS = "tests/e2e/cli_milters.py"
-TEMPFAIL = (451, b"4.7.1 Service unavailable - try again later")
 
 
-def test_panic_tempfails_and_exits_70(postfix: PrivatePostfix, capture: CaptureServer) -> None:
+def test_panic_tempfails_and_exits_70(mta: Mta, capture: CaptureServer) -> None:
     """A handler panic: that message gets 4xx; while the panic grace lasts
     (kept open by a handler still running in another session) every other
     answer is TEMPFAIL too, even a handler's REJECT; then the process exits 70
-    and Postfix's default action (tempfail) takes over.  Only the message
+    and the MTA's tempfail-when-unreachable takes over.  Only the message
     filtered before the panic is ever delivered."""
     with tempfile.TemporaryDirectory(prefix="triomilter-gate-") as gate_dir:
         gate = Path(gate_dir)
@@ -40,13 +40,13 @@ def test_panic_tempfails_and_exits_70(postfix: PrivatePostfix, capture: CaptureS
         blocked: list[Outcome] = []
 
         def blocker() -> None:
-            with postfix.smtp(timeout=60) as s:
+            with mta.smtp(timeout=60) as s:
                 s.ehlo()
                 blocked.append(send_message(s, "hold-blocker"))
 
         with milter:
-            postfix.set_milters(milter.spec)
-            with postfix.smtp() as s:
+            mta.use(milter)
+            with mta.smtp() as s:
                 s.ehlo()
                 assert send_message(s, "before").code == 250
             (before,) = capture.wait_for(1)
@@ -56,36 +56,37 @@ def test_panic_tempfails_and_exits_70(postfix: PrivatePostfix, capture: CaptureS
             thread.start()
             try:
                 _wait_until(lambda: list(gate.glob("held-*")), 20, "the blocker's body")
-                with postfix.smtp() as other, postfix.smtp() as s:
+                with mta.smtp() as other, mta.smtp() as s:
                     other.ehlo()
                     assert other.mail(SENDER)[0] == 250
                     assert other.rcpt("other@example.test")[0] == 250
                     s.ehlo()
                     panic = send_message(s, "panic")
-                    assert (panic.stage, panic.code, panic.text) == ("data", *TEMPFAIL)
+                    assert (panic.stage, panic.code, panic.text) == ("data", *mta.tempfail)
                     # The milter still runs (the blocker's handler is busy), but
                     # answers nothing but TEMPFAIL: not the REJECT of on_eoh.
                     assert milter.proc is not None and milter.proc.poll() is None
                     refused = send_data(other, "refuse")
-                    assert (refused.stage, refused.code, refused.text) == ("data", *TEMPFAIL)
+                    assert (refused.stage, refused.code, refused.text) == ("data", *mta.tempfail)
                     (gate / "release").touch()
                     thread.join(30)
-                    assert [(o.code, o.text) for o in blocked] == [TEMPFAIL]
+                    assert [(o.code, o.text) for o in blocked] == [mta.tempfail]
                     assert milter.wait(15) == 70  # EX_SOFTWARE
                     assert send_message(s, "after the panic").code // 100 == 4
             finally:
                 (gate / "release").touch()
                 thread.join(30)
-            with postfix.smtp() as s:
+            with mta.smtp() as s:
                 s.ehlo()
-                assert s.mail(SENDER) == TEMPFAIL  # the milter is gone: default action
+                assert s.mail(SENDER) == mta.tempfail  # the milter is gone
+            mta.saw_milter_gone()
             log = milter.log_text()
     assert not thread.is_alive()
     assert "panicked" in log and "RuntimeError('a bug in the handler')" in log
     assert capture.wait_quiet(0.3) == [before]
 
 
-def test_graceful_shutdown_during_traffic(postfix: PrivatePostfix, capture: CaptureServer) -> None:
+def test_graceful_shutdown_during_traffic(mta: Mta, capture: CaptureServer) -> None:
     """SIGTERM while some sessions are mid-DATA (their body handler waits for
     a gate) and others keep sending: the held messages finish with the
     milter's header, new messages get 4xx, the process exits 0."""
@@ -107,7 +108,7 @@ def test_graceful_shutdown_during_traffic(postfix: PrivatePostfix, capture: Capt
 
         def held(i: int) -> None:
             try:
-                with postfix.smtp(timeout=60) as s:
+                with mta.smtp(timeout=60) as s:
                     s.ehlo()
                     record(send_message(s, f"hold-{i}"))
             except BaseException as exc:
@@ -118,7 +119,7 @@ def test_graceful_shutdown_during_traffic(postfix: PrivatePostfix, capture: Capt
             after_exit = 0
             try:
                 while after_exit < 2 and n < 2000:
-                    with postfix.smtp(timeout=60) as s:
+                    with mta.smtp(timeout=60) as s:
                         s.ehlo()
                         for _ in range(3):
                             late = exited.is_set()
@@ -131,7 +132,7 @@ def test_graceful_shutdown_during_traffic(postfix: PrivatePostfix, capture: Capt
         threads = [threading.Thread(target=held, args=(i,)) for i in range(held_count)]
         threads += [threading.Thread(target=traffic, args=(t,)) for t in range(traffic_threads)]
         with milter:
-            postfix.set_milters(milter.spec)
+            mta.use(milter)
             try:
                 for thread in threads:
                     thread.start()
@@ -172,5 +173,5 @@ def test_graceful_shutdown_during_traffic(postfix: PrivatePostfix, capture: Capt
     assert any(o.subject.startswith("traffic-") for o in accepted)
     assert len(refused) >= 2 * traffic_threads
     assert "SIGTERM received" in log and "shutting down:" in log
-    postfix.wait_queue_empty()
+    mta.wait_queue_empty()
     assert capture.wait_quiet(0.2) == msgs
