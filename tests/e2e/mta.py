@@ -8,9 +8,20 @@ milter is gone) is here, once.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import smtplib
+from collections.abc import Iterator
 
-from ._milter_runner import CliMilter
+import triomilter
+
+from ._milter_runner import (
+    CliMilter,
+    ThreadedMilter,
+    sendmail_queue_id,
+    use_milter,
+    use_sendmail_milter,
+)
 from .postfix import PrivatePostfix
 from .sendmail import PrivateSendmail
 
@@ -33,11 +44,29 @@ class Mta:
         return self.instance.smtp(timeout=timeout)
 
     def use(self, milter: CliMilter) -> None:
-        """Send every new SMTP session through ``milter``."""
+        """Send every new SMTP session through ``milter`` (a process of its own)."""
         if isinstance(self.instance, PrivatePostfix):
             self.instance.set_milters(milter.spec)
         else:
             self.instance.set_milter(milter.sendmail_spec)
+
+    @contextlib.contextmanager
+    def serving(self, milter: triomilter.Milter) -> Iterator[ThreadedMilter]:
+        """Serve ``milter`` in a thread and send every new SMTP session through it."""
+        if isinstance(self.instance, PrivatePostfix):
+            with use_milter(self.instance, milter) as served:
+                yield served
+        else:
+            with use_sendmail_milter(self.instance, milter) as served:
+                yield served
+
+    def queue_id_of(self, data: bytes) -> str:
+        """The queue id the MTA wrote into its Received: header of a delivered message."""
+        if isinstance(self.instance, PrivateSendmail):
+            return sendmail_queue_id(data)
+        match = re.search(rb"with E?SMTPS? id ([0-9A-Za-z]+)\b", data)
+        assert match, data[:400]
+        return match.group(1).decode()
 
     def saw_milter_gone(self) -> None:
         """Wait until the MTA logged that the milter is unreachable (only Sendmail logs it)."""
