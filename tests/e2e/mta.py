@@ -22,7 +22,9 @@ from ._milter_runner import (
     use_milter,
     use_sendmail_milter,
 )
+from .capture import CapturedMessage, CaptureServer
 from .postfix import PrivatePostfix
+from .scenarios import SENDER
 from .sendmail import PrivateSendmail
 
 
@@ -59,6 +61,20 @@ class Mta:
         else:
             with use_sendmail_milter(self.instance, milter) as served:
                 yield served
+
+    def send_one(
+        self,
+        milter: triomilter.Milter,
+        capture: CaptureServer,
+        data: bytes,
+        rcpts: list[str],
+        sender: str = SENDER,
+    ) -> CapturedMessage:
+        """Send one message through ``milter`` (served meanwhile); the message delivered."""
+        with self.serving(milter), self.smtp() as s:
+            assert s.sendmail(sender, rcpts, data) == {}
+        (msg,) = capture.wait_for(1)
+        return msg
 
     def queue_id_of(self, data: bytes) -> str:
         """The queue id the MTA wrote into its Received: header of a delivered message."""

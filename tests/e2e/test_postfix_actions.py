@@ -7,24 +7,13 @@ through Postfix and compares the bytes and envelope the capture server got
 
 from __future__ import annotations
 
-import hashlib
-
-import pytest
-
 from triomilter import (
-    Actions,
     Context,
-    Milter,
-    MilterError,
-    Ok,
-    Result,
-    Status,
-    on_body,
-    on_eom,
 )
 
-from ._milter_runner import Recorder, notify_flags, postcat, split_first_header, use_milter
+from ._milter_runner import notify_flags, postcat, split_first_header, use_milter
 from .capture import CapturedMessage, CaptureServer
+from .mta import Mta
 from .postfix import PrivatePostfix
 from .scenarios import (
     BODY,
@@ -34,7 +23,6 @@ from .scenarios import (
     EomChanges,
     eom_milter,
 )
-from .scenarios import replacement_body as _replacement
 
 
 def _send_one(
@@ -45,10 +33,7 @@ def _send_one(
     rcpts: list[str],
     sender: str = SENDER,
 ) -> CapturedMessage:
-    with use_milter(postfix, eom_milter(changes)), postfix.smtp() as s:
-        assert s.sendmail(sender, rcpts, data) == {}
-    (msg,) = capture.wait_for(1)
-    return msg
+    return Mta(postfix).send_one(eom_milter(changes), capture, data, rcpts, sender)
 
 
 def test_header_changes(postfix: PrivatePostfix, capture: CaptureServer) -> None:
@@ -164,59 +149,3 @@ def test_quarantine_and_add_recipient_with_notify_never(
     _, rest = split_first_header(msg.data)
     assert rest == b"Subject: quarantine\r\nX-Checked: yes\r\n\r\n" + BODY
     postfix.wait_queue_empty()
-
-
-@pytest.mark.parametrize("size", [20, 200 * 1024], ids=["small", "200KiB"])
-def test_replace_body(postfix: PrivatePostfix, capture: CaptureServer, size: int) -> None:
-    replacement = _replacement(size)
-    assert len(replacement) == size
-
-    async def changes(ctx: Context[object]) -> None:
-        # Several calls build one body; each may exceed a packet.
-        third = len(replacement) // 3
-        await ctx.api.append_body_chunk(replacement[:third])
-        await ctx.api.append_body_chunk(replacement[third:])
-
-    headers = b"Subject: body replaced\r\n"
-    original = headers + b"\r\n" + b"original body line\r\n" * 5000
-    msg = _send_one(postfix, capture, changes, original, ["r@example.test"])
-    _, rest = split_first_header(msg.data)
-    assert rest == headers + b"\r\n" + replacement
-    assert hashlib.sha256(msg.body).hexdigest() == hashlib.sha256(replacement).hexdigest()
-
-
-def test_actions_not_negotiated_tempfail_the_message(
-    postfix: PrivatePostfix, capture: CaptureServer
-) -> None:
-    """A Result handler calling an action it did not ask for gets a MilterError
-    (nothing is sent to Postfix): TEMPFAIL, and the milter keeps serving."""
-    rec = Recorder()
-
-    @on_body
-    async def body(ctx: Context[object], chunk: bytes) -> Status:
-        ctx.data = chunk
-        return Status.CONTINUE
-
-    @on_eom
-    async def eom(ctx: Context[object]) -> Result[Status]:
-        await ctx.api.add_header("X-Allowed", "yes")
-        if ctx.data == b"forbidden\r\n":
-            try:
-                await ctx.api.add_recipient("<extra@example.test>")
-            except MilterError as exc:
-                rec.add("error", type(exc).__name__)
-                raise
-        return Ok(Status.CONTINUE)
-
-    milter = Milter("partial", handlers=[body, eom], actions=Actions.ADD_HEADER)
-    with use_milter(postfix, milter), postfix.smtp() as s:
-        s.ehlo()
-        assert s.mail(SENDER)[0] == 250
-        assert s.rcpt("r@example.test")[0] == 250
-        code, text = s.data(b"Subject: one\r\n\r\nforbidden\r\n")
-        assert (code, text) == (451, b"4.7.1 Service unavailable - try again later")
-        s.sendmail(SENDER, ["r@example.test"], b"Subject: two\r\n\r\nfine\r\n")
-    assert rec.values("error") == ["ActionNotNegotiated"]
-    (msg,) = capture.wait_for(1)
-    assert msg.data.endswith(b"Subject: two\r\nX-Allowed: yes\r\n\r\nfine\r\n")
-    assert capture.wait_quiet(0.2) == [msg]

@@ -8,14 +8,11 @@ DSN), Sendmail's queue file.
 
 from __future__ import annotations
 
-import hashlib
+from triomilter import Context
 
-import pytest
-
-from triomilter import Actions, Context, Milter, MilterError, Ok, Result, Status, on_body, on_eom
-
-from ._milter_runner import Recorder, split_first_header, use_sendmail_milter
+from ._milter_runner import split_first_header, use_sendmail_milter
 from .capture import CapturedMessage, CaptureServer
+from .mta import Mta
 from .scenarios import (
     BODY,
     ORIGINAL,
@@ -23,7 +20,6 @@ from .scenarios import (
     SENDER,
     EomChanges,
     eom_milter,
-    replacement_body,
 )
 from .sendmail import PrivateSendmail
 
@@ -36,10 +32,7 @@ def _send_one(
     rcpts: list[str],
     sender: str = SENDER,
 ) -> CapturedMessage:
-    with use_sendmail_milter(sendmail, eom_milter(changes)), sendmail.smtp() as s:
-        assert s.sendmail(sender, rcpts, data) == {}
-    (msg,) = capture.wait_for(1)
-    return msg
+    return Mta(sendmail).send_one(eom_milter(changes), capture, data, rcpts, sender)
 
 
 def test_header_changes(sendmail: PrivateSendmail, capture: CaptureServer) -> None:
@@ -164,59 +157,3 @@ def test_quarantine_with_esmtp_args_of_sender_and_recipient(
     assert rest == b"Subject: quarantine\r\nX-Checked: yes\r\n\r\n" + BODY
     sendmail.wait_for_log(rf"{held.queue_id}: unquarantine")
     sendmail.wait_queue_empty()
-
-
-@pytest.mark.parametrize("size", [20, 200 * 1024], ids=["small", "200KiB"])
-def test_replace_body(sendmail: PrivateSendmail, capture: CaptureServer, size: int) -> None:
-    replacement = replacement_body(size)
-    assert len(replacement) == size
-
-    async def changes(ctx: Context[object]) -> None:
-        # Several calls build one body; each may exceed a packet.
-        third = len(replacement) // 3
-        await ctx.api.append_body_chunk(replacement[:third])
-        await ctx.api.append_body_chunk(replacement[third:])
-
-    headers = b"Subject: body replaced\r\n"
-    original = headers + b"\r\n" + b"original body line\r\n" * 5000
-    msg = _send_one(sendmail, capture, changes, original, ["r@example.test"])
-    _, rest = split_first_header(msg.data)
-    assert rest == headers + b"\r\n" + replacement
-    assert hashlib.sha256(msg.body).hexdigest() == hashlib.sha256(replacement).hexdigest()
-
-
-def test_actions_not_negotiated_tempfail_the_message(
-    sendmail: PrivateSendmail, capture: CaptureServer
-) -> None:
-    """A Result handler calling an action it did not ask for gets a MilterError
-    (nothing is sent to Sendmail): TEMPFAIL, and the milter keeps serving."""
-    rec = Recorder()
-
-    @on_body
-    async def body(ctx: Context[object], chunk: bytes) -> Status:
-        ctx.data = chunk
-        return Status.CONTINUE
-
-    @on_eom
-    async def eom(ctx: Context[object]) -> Result[Status]:
-        await ctx.api.add_header("X-Allowed", "yes")
-        if ctx.data == b"forbidden\r\n":
-            try:
-                await ctx.api.add_recipient("<extra@example.test>")
-            except MilterError as exc:
-                rec.add("error", type(exc).__name__)
-                raise
-        return Ok(Status.CONTINUE)
-
-    milter = Milter("partial", handlers=[body, eom], actions=Actions.ADD_HEADER)
-    with use_sendmail_milter(sendmail, milter), sendmail.smtp() as s:
-        s.ehlo()
-        assert s.mail(SENDER)[0] == 250
-        assert s.rcpt("r@example.test")[0] == 250
-        code, text = s.data(b"Subject: one\r\n\r\nforbidden\r\n")
-        assert (code, text) == (451, b"4.3.2 Please try again later")
-        s.sendmail(SENDER, ["r@example.test"], b"Subject: two\r\n\r\nfine\r\n")
-    assert rec.values("error") == ["ActionNotNegotiated"]
-    (msg,) = capture.wait_for(1)
-    assert msg.data.endswith(b"Subject: two\r\nX-Allowed: yes\r\n\r\nfine\r\n")
-    assert capture.wait_quiet(0.2) == [msg]
