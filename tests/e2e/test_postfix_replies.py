@@ -161,52 +161,6 @@ def test_discard_answers_250_and_delivers_nothing(
         assert first.count("rcpt") == (0 if stage == "mail" else 2)
 
 
-def test_accept_at_mail_skips_the_rest_of_the_message(
-    postfix: PrivatePostfix, capture: CaptureServer
-) -> None:
-    rec = Recorder()
-    rcpts = ["rcpt-reject@example.test", "r@example.test"]
-    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
-        # rcpt-reject@ would be refused, X-Eom: reject too: neither is asked.
-        s.sendmail("mail-accept@example.test", rcpts, _message("reject"))
-        s.sendmail("a@example.test", ["r@example.test"], _message())
-    msgs = capture.wait_for(2)
-    assert sorted(m.mail_from for m in msgs) == ["a@example.test", "mail-accept@example.test"]
-    accepted = next(m for m in msgs if m.mail_from == "mail-accept@example.test")
-    assert sorted(accepted.rcpt_tos) == sorted(rcpts)
-    stages = rec.stages()
-    second = stages.index("mail", stages.index("mail") + 1)
-    assert stages[:second] == ["connect", "helo", "mail"]
-    assert stages[second:] == ["mail", "rcpt", "header", "eoh", "body", "eom"]
-
-
-def test_accept_at_rcpt_accepts_the_message(
-    postfix: PrivatePostfix, capture: CaptureServer
-) -> None:
-    rec = Recorder()
-    rcpts = ["rcpt-accept@example.test", "rcpt-reject@example.test"]
-    with use_milter(postfix, policy_milter(rec)), postfix.smtp() as s:
-        s.sendmail("a@example.test", rcpts, _message("reject"))
-    (msg,) = capture.wait_for(1)
-    assert sorted(msg.rcpt_tos) == sorted(rcpts)
-    assert rec.stages() == ["connect", "helo", "mail", "rcpt"]
-
-
-def test_accept_at_connect_leaves_the_session_alone(
-    postfix: PrivatePostfix, capture: CaptureServer
-) -> None:
-    rec = Recorder()
-    with (
-        use_milter(postfix, policy_milter(rec, connect=Status.ACCEPT)),
-        postfix.smtp() as s,
-    ):
-        s.ehlo("helo-reject.test.invalid")
-        s.sendmail("mail-reject@example.test", ["rcpt-reject@example.test"], _message("reject"))
-        s.sendmail("a@example.test", ["r@example.test"], _message("tempfail"))
-    assert len(capture.wait_for(2)) == 2
-    assert rec.stages() == ["connect"]
-
-
 @pytest.mark.parametrize("status", [Status.REJECT, Status.TEMPFAIL])
 def test_connect_verdict_holds_for_the_session(
     postfix: PrivatePostfix, capture: CaptureServer, status: Status
