@@ -62,12 +62,12 @@ from benchmarks.postfix_latency import (  # noqa: E402  (needs the repo on sys.p
     _stat_times,
     client_main,
     f,
+    latency_client,
     med,
-    percentile,
     signed,
+    step_percentiles,
 )
 
-STEPS = ["total", "mail", "rcpt", "data", "content"]
 # Every macro list empty: Sendmail then sends no macro packet at all.
 NO_MACROS = {k: "" for k in ("CONNECT", "HELO", "ENVFROM", "ENVRCPT", "DATA", "EOH", "EOM")}
 
@@ -230,56 +230,17 @@ class Bench:
         return r
 
     def _latency(self, r: Run, cfg: Config) -> None:
-        o = self.o
         self.capture.clear()
-        total = o.warmup_messages + o.messages
-        argv = [
-            *self.h.NICE,
-            "taskset",
-            "-c",
-            self.h.LOAD_CPU,
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--client",
-            str(self.sm.smtp_port),
-            "--messages",
-            str(o.messages),
-            "--warmup-messages",
-            str(o.warmup_messages),
-            "--body-bytes",
-            str(o.body_bytes),
-            "--reply-timeout",
-            f"{o.reply_timeout:g}",
-        ]
-        try:
-            p = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-                timeout=60 + total * 2.0,
-            )
-        except subprocess.TimeoutExpired:
-            r.fail("latency client did not finish in time (killed)")
-            return
-        res = None
-        for line in p.stdout.splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    res = json.loads(line)
-        if res is None:
-            r.fail(f"latency client gave no result: {p.stderr.strip()[-300:]}")
+        res = latency_client(self.h, self.o, self.sm.smtp_port)
+        if isinstance(res, str):
+            r.fail(res)
             return
         if res["errors"]:
             r.fail(f"latency: {len(res['errors'])} error(s), first: {res['errors'][0]}")
         samples = res["samples"]
         r.lat_n = len(samples)
         if samples:
-            cols = list(zip(*samples, strict=True))
-            for name, col in zip(STEPS, cols, strict=True):
-                r.step_p50[name] = percentile(list(col), 50)
-                r.step_p99[name] = percentile(list(col), 99)
-            tot = list(cols[0])
+            r.step_p50, r.step_p99, tot = step_percentiles(samples)
             r.samples = [round(x, 3) for x in tot]
             r.lat_p50, r.lat_p99, r.lat_max = r.step_p50["total"], r.step_p99["total"], max(tot)
             r.lat_stalls = sum(1 for x in tot if x >= STALL_MS)
